@@ -1,0 +1,260 @@
+"""Symbolic tracing that never gives up: whole model first, then part by part.
+
+:func:`trace` runs ``torch.fx`` with :class:`NormTracer`, a tracer that keeps every plain norm,
+conv and linear layer as a leaf (torchvision's ``FrozenBatchNorm2d`` and conv subclasses such as
+``Conv3DSimple`` included), goes inside norm subclasses whose ``forward`` differs from their base,
+and records in ``node.meta["fxnorm_scope"]`` the qualified name of the module each node came from.
+
+When the whole model does not trace (torchvision detection models, data-dependent control flow),
+its children are tried one by one, recursively: the largest traceable submodules become
+``GraphModule`` s in place and the untraceable glue stays eager. Every part that could not be traced
+is reported with the tracer's reason in :class:`TraceReport`, reachable with :func:`trace_report`.
+
+Example:
+    >>> import torchvision
+    >>> traced = trace(torchvision.models.resnet18())
+    >>> import torch.fx
+    >>> isinstance(traced, torch.fx.GraphModule), trace_report(traced).untraced
+    (True, [])
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+from .kinds import is_plain, known_base
+
+__all__ = ["NormTracer", "UntracedPart", "TraceReport", "trace", "trace_report", "graph_parts"]
+
+_REPORT_ATTR = "_fxnorm_trace_report"
+LeafSpec = type | str | nn.Module
+
+
+@dataclass
+class UntracedPart:
+    """A module that stays eager, with why the tracer refused it."""
+
+    name: str  #: qualified name in the model ("" for the model itself)
+    type: str  #: class name
+    reason: str  #: the tracer's error, one line
+
+
+@dataclass
+class TraceReport:
+    """What :func:`trace` did: which parts became graphs and which stayed eager (and why)."""
+
+    graphs: list[str] = field(default_factory=list)  #: qualified names of the traced parts
+    untraced: list[UntracedPart] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when the whole model is one graph."""
+        return self.graphs == [""]
+
+
+class NormTracer(fx.Tracer):
+    """An ``fx.Tracer`` that keeps plain norm/conv/linear layers (and user leaves) as leaves and
+    records the qualified name of the module every node comes from in ``node.meta["fxnorm_scope"]``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> graph = NormTracer().trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+        >>> [n.target for n in graph.nodes if n.op == "call_module"]
+        ['0', '1']
+    """
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), prefix: str = "") -> None:
+        super().__init__()
+        specs = tuple(leaf_modules)
+        self._leaf_types = tuple(s for s in specs if isinstance(s, type))
+        self._leaf_names = {s for s in specs if isinstance(s, str)}
+        self._leaf_ids = {id(s) for s in specs if isinstance(s, nn.Module)}
+        self._prefix = prefix
+        self._scope = ""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        full = f"{self._prefix}.{module_qualified_name}" if self._prefix else module_qualified_name
+        if (
+            id(m) in self._leaf_ids
+            or full in self._leaf_names
+            or module_qualified_name in self._leaf_names
+            or (self._leaf_types and isinstance(m, self._leaf_types))
+        ):
+            return True
+        if known_base(m) is not None:
+            return is_plain(m)
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        outer = self._scope
+        try:
+            self._scope = self.path_of_module(m)
+        except NameError:
+            pass
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scope = outer
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["fxnorm_scope"] = self._scope
+        return node
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(err).__name__}: {first}"[:300]
+
+
+def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any) -> fx.GraphModule:
+    # Tracing runs the module's Python code on proxies, and some modules cache what they compute
+    # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
+    # back afterwards so that neither the user's model nor the graph keeps a proxy.
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        tracer = NormTracer(leaf_modules, prefix)
+        graph = tracer.trace(module, concrete_args=concrete_args)
+        graph.lint()
+        return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    finally:
+        for m, state in saved:
+            current = m.__dict__
+            if len(current) != len(state) or any(current.get(k, state) is not v for k, v in state.items()):
+                current.clear()
+                current.update(state)
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose child table can change without touching the original."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)  # type: ignore[assignment]
+    new._parameters = dict(module._parameters)  # type: ignore[assignment]
+    new._buffers = dict(module._buffers)  # type: ignore[assignment]
+    return new
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
+
+
+def _trace_tree(
+    module: nn.Module,
+    name: str,
+    report: TraceReport,
+    leaf_modules: tuple,
+    concrete_args: Any,
+    inplace: bool,
+) -> nn.Module:
+    is_leaf = known_base(module) is not None and is_plain(module)
+    if not _is_container(module) and not is_leaf and not isinstance(module, fx.GraphModule):
+        try:
+            gm = _trace_module(module, name, leaf_modules, concrete_args)
+        except Exception as err:  # any tracer failure means "trace the children instead"
+            report.untraced.append(UntracedPart(name, type(module).__name__, _one_line(err)))
+        else:
+            report.graphs.append(name)
+            return gm
+    elif isinstance(module, fx.GraphModule):
+        report.graphs.append(name)
+        return module
+    if is_leaf or not module._modules:
+        return module
+    new = module if inplace else _shallow_copy(module)
+    for child_name, child in module.named_children():
+        full = f"{name}.{child_name}" if name else child_name
+        traced = _trace_tree(child, full, report, leaf_modules, None, inplace)
+        if traced is not child:
+            new._modules[child_name] = traced
+    return new
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Trace ``model`` into a ``GraphModule``, or part by part when it does not trace as a whole.
+
+    Args:
+        model: any ``nn.Module``.
+        leaf_modules: modules to keep opaque: classes, qualified names, or module instances.
+        concrete_args: passed to the tracer for the top-level ``forward`` (``torch.fx`` semantics).
+        inplace: replace the children of ``model`` itself. By default the untraced glue modules are
+            shallow copies, and ``model`` is left as it was. Like ``torch.fx.symbolic_trace``, the
+            result shares parameters and buffers with ``model``.
+
+    Returns:
+        A ``GraphModule`` when the whole model traced; otherwise a module of the model's own type
+        whose largest traceable submodules are ``GraphModule`` s. :func:`trace_report` tells which.
+
+    Raises:
+        TraceError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torchvision
+        >>> det = trace(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        ...     weights=None, weights_backbone=None))
+        >>> trace_report(det).untraced[0].name   # the model itself has data-dependent control flow
+        ''
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"fxnorm.trace expects an nn.Module, got {type(model).__name__}")
+    report = TraceReport()
+    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace)
+    object.__setattr__(result, _REPORT_ATTR, report)
+    return result
+
+
+def trace_report(module: nn.Module) -> TraceReport:
+    """The :class:`TraceReport` of a module returned by :func:`trace` (an empty-handed report for a
+    ``GraphModule`` traced elsewhere, and :class:`TraceError` for a module never traced).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> trace_report(trace(nn.Sequential(nn.Linear(2, 2)))).complete
+        True
+    """
+    report = getattr(module, _REPORT_ATTR, None)
+    if report is not None:
+        return report
+    if isinstance(module, fx.GraphModule):
+        return TraceReport(graphs=[""])
+    raise TraceError(f"{type(module).__name__} was not traced by fxnorm: call fxnorm.trace(model) first")
+
+
+def is_traced(module: nn.Module) -> bool:
+    """True for the output of :func:`trace` or any ``GraphModule``."""
+    return isinstance(module, fx.GraphModule) or hasattr(module, _REPORT_ATTR)
+
+
+def graph_parts(module: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
+    """Every ``GraphModule`` in ``module`` (itself included), outermost first, with its qualified name.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> [name for name, _ in graph_parts(trace(nn.Sequential(nn.Linear(2, 2))))]
+        ['']
+    """
+    if isinstance(module, fx.GraphModule):
+        yield "", module
+        return
+    stack = [("", module)]
+    while stack:
+        name, mod = stack.pop()
+        for child_name, child in reversed(list(mod.named_children())):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, fx.GraphModule):
+                yield full, child
+            else:
+                stack.append((full, child))

@@ -1,6 +1,15 @@
-"""fxnorm: inspect, reset, recalibrate and fold the normalization layers of PyTorch models with torch.fx."""
+"""fxnorm: inspect, reset, recalibrate and fold the normalization layers of PyTorch models with torch.fx.
+
+Example:
+    >>> import torchvision, fxnorm
+    >>> model = torchvision.models.resnet18().eval()
+    >>> print(fxnorm.format_summary(fxnorm.find_norms(model)))
+    20 norms (BatchNorm2d: 20); 20 foldable, 0 not foldable; 0 untraced parts
+"""
 
 from .errors import CalibrationError, DataError, FoldError, FxNormError, ModelLoadError, TraceError
+from .render import format_summary, format_table, format_untraced, report_dict, summarize
+from .sites import NormSite, find_norms
 from .tracing import TraceReport, UntracedPart, trace, trace_report
 
 __all__ = [
@@ -14,5 +23,12 @@ __all__ = [
     "trace_report",
     "TraceReport",
     "UntracedPart",
+    "find_norms",
+    "NormSite",
+    "format_table",
+    "format_summary",
+    "format_untraced",
+    "summarize",
+    "report_dict",
 ]
 __version__ = "0.1.0"

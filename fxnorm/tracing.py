@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -133,6 +134,16 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
                 current.update(state)
 
 
+def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Give a traced part the plain Python attributes of its module (eager parents read them:
+    RAFT's forward reads ``self.update_block.hidden_state_size``)."""
+    for key, value in module.__dict__.items():
+        if key.startswith("_") or key in gm.__dict__ or callable(value) or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        gm.__dict__[key] = value
+    gm.training = module.training
+
+
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose child table can change without touching the original."""
     new = copy.copy(module)
@@ -162,6 +173,7 @@ def _trace_tree(
             report.untraced.append(UntracedPart(name, type(module).__name__, _one_line(err)))
         else:
             report.graphs.append(name)
+            _keep_plain_attributes(module, gm)
             return gm
     elif isinstance(module, fx.GraphModule):
         report.graphs.append(name)

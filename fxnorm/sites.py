@@ -1,0 +1,271 @@
+"""Find every normalization layer of a model and describe it: :func:`find_norms` returns data
+(:class:`NormSite` dataclasses); rendering lives in :mod:`fxnorm.render`.
+
+Example:
+    >>> import torchvision, fxnorm
+    >>> sites = fxnorm.find_norms(torchvision.models.resnet18().eval())
+    >>> len(sites), sites[0].kind, sites[0].producer_type, sites[0].fold
+    (20, 'BatchNorm2d', 'Conv2d', 'into_producer')
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .kinds import has_running_stats, is_plain, norm_kind
+from .plan import call_sites, functional_args, node_norm_kind, plan_norm
+from .tracing import graph_parts, is_traced, trace, trace_report
+
+__all__ = ["NormSite", "find_norms", "health_flags"]
+
+
+@dataclass
+class NormSite:
+    """One normalization layer as seen in the traced graph."""
+
+    name: str  #: qualified name of the norm module in the model
+    node: str | None  #: graph node name (None when the norm runs in untraced, eager code)
+    graph: str | None  #: qualified name of the GraphModule holding the node ("" = the whole model)
+    kind: str  #: BatchNorm2d, FrozenBatchNorm2d, LayerNorm, batch_norm (functional), ...
+    op: str  #: call_module, call_function or eager
+    module_type: str | None  #: class name of the module (a subclass shows its own name)
+    num_features: int | None
+    eps: float | None
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    training: bool
+    num_batches_tracked: int | None
+    producer: str | None  #: node feeding the norm
+    producer_op: str | None  #: placeholder, call_module, call_function, call_method, get_attr
+    producer_type: str | None  #: module class or function name of the producer
+    consumers: list[str] = field(default_factory=list)
+    fold: str | None = None  #: "into_producer", "into_consumer" or None
+    fold_into: str | None = None  #: qualified name of the layer it folds into
+    reason: str | None = None  #: why it cannot fold (None when it can)
+    health: list[str] = field(default_factory=list)  #: problems with its statistics/parameters
+
+    @property
+    def foldable(self) -> bool:
+        return self.fold is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def health_flags(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    num_batches_tracked: int | None = None,
+) -> list[str]:
+    """Problems with a norm's statistics and affine parameters, as short flags.
+
+    Example:
+        >>> health_flags(torch.zeros(3), torch.ones(3), 1e-5, num_batches_tracked=0)
+        ['statistics never updated']
+    """
+    flags: list[str] = []
+    for label, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            flags.append(f"NaN/Inf in {label}")
+    if isinstance(running_var, torch.Tensor) and eps is not None:
+        low = int((running_var < eps).sum())
+        if low:
+            flags.append(f"running_var below eps in {low} channel(s)")
+    if isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor) and not num_batches_tracked:
+        if bool((running_mean == 0).all()) and bool((running_var == 1).all()):
+            flags.append("statistics never updated")
+    return flags
+
+
+def _producer_fields(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str | None, str | None]:
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return None, None, None
+    if source.op == "call_module":
+        kind = type(gm.get_submodule(str(source.target))).__name__
+    elif source.op in ("call_function", "call_method"):
+        kind = getattr(source.target, "__name__", str(source.target))
+    else:
+        kind = source.op
+    return source.name, source.op, kind
+
+
+def _scope_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    scope = node.meta.get("fxnorm_scope")
+    if scope:
+        return scope
+    args = functional_args(node) if node.kwargs or len(node.args) > 1 else {}
+    for key in ("running_mean", "weight"):
+        arg = args.get(key)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return str(arg.target).rpartition(".")[0]
+    return node.name
+
+
+def _lookup(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name) if name else root
+    except AttributeError:
+        return None
+
+
+def _module_site(gm: fx.GraphModule, prefix: str, node: fx.Node, module: nn.Module, kind: str) -> NormSite:
+    nbt = getattr(module, "num_batches_tracked", None)
+    nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+    name, op, ptype = _producer_fields(gm, node)
+    stats = has_running_stats(module)
+    return NormSite(
+        name=_join(prefix, str(node.target)),
+        node=node.name,
+        graph=prefix,
+        kind=kind,
+        op="call_module",
+        module_type=type(module).__name__,
+        num_features=_num_features(module),
+        eps=getattr(module, "eps", None),
+        momentum=getattr(module, "momentum", None),
+        affine=getattr(module, "weight", None) is not None,
+        track_running_stats=stats,
+        training=module.training if kind != "FrozenBatchNorm2d" else False,
+        num_batches_tracked=nbt_value,
+        producer=name,
+        producer_op=op,
+        producer_type=ptype,
+        consumers=[u.name for u in node.users],
+        health=health_flags(
+            getattr(module, "running_mean", None), getattr(module, "running_var", None), getattr(module, "eps", None),
+            getattr(module, "weight", None), getattr(module, "bias", None), nbt_value,
+        ),
+    )
+
+
+def _num_features(module: nn.Module) -> int | None:
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return int(torch.Size(shape).numel())
+    return None
+
+
+def _function_site(gm: fx.GraphModule, prefix: str, node: fx.Node, kind: str, root: nn.Module) -> NormSite:
+    from .plan import _fetch  # the plan module owns constant lookups
+
+    scope = _scope_name(gm, node)
+    name, op, ptype = _producer_fields(gm, node)
+    values: dict[str, Any] = {}
+    if kind == "batch_norm":
+        for key, value in functional_args(node).items():
+            try:
+                values[key] = _fetch(gm, value)
+            except LookupError:
+                values[key] = None
+    mean, var = values.get("running_mean"), values.get("running_var")
+    weight = values.get("weight")
+    owner = _lookup(root, _join(prefix, scope))
+    nbt = getattr(owner, "num_batches_tracked", None) if owner is not None else None
+    nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+    features = mean if isinstance(mean, torch.Tensor) else weight
+    return NormSite(
+        name=_join(prefix, scope),
+        node=node.name,
+        graph=prefix,
+        kind=kind,
+        op="call_function",
+        module_type=type(owner).__name__ if owner is not None else None,
+        num_features=int(features.numel()) if isinstance(features, torch.Tensor) else None,
+        eps=float(values["eps"]) if isinstance(values.get("eps"), (int, float)) else None,
+        momentum=values.get("momentum") if isinstance(values.get("momentum"), (int, float)) else None,
+        affine=isinstance(weight, torch.Tensor),
+        track_running_stats=isinstance(mean, torch.Tensor),
+        training=bool(values.get("training")) if isinstance(values.get("training"), bool) else True,
+        num_batches_tracked=nbt_value,
+        producer=name,
+        producer_op=op,
+        producer_type=ptype,
+        consumers=[u.name for u in node.users],
+        health=health_flags(mean, var, values.get("eps"), weight, values.get("bias"), nbt_value)
+        if isinstance(mean, torch.Tensor) else [],
+    )
+
+
+def _eager_sites(traced: nn.Module, reasons: dict[str, str]) -> list[NormSite]:
+    sites: list[NormSite] = []
+    stack: list[tuple[str, nn.Module]] = [("", traced)]
+    while stack:
+        name, module = stack.pop()
+        if isinstance(module, fx.GraphModule):
+            continue
+        kind = norm_kind(module)
+        if kind is not None and name:
+            parent = name.rpartition(".")[0]
+            nbt = getattr(module, "num_batches_tracked", None)
+            nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+            why = reasons.get(parent)
+            sites.append(NormSite(
+                name=name, node=None, graph=None, kind=kind, op="eager", module_type=type(module).__name__,
+                num_features=_num_features(module), eps=getattr(module, "eps", None),
+                momentum=getattr(module, "momentum", None), affine=getattr(module, "weight", None) is not None,
+                track_running_stats=has_running_stats(module), training=module.training,
+                num_batches_tracked=nbt_value, producer=None, producer_op=None, producer_type=None,
+                reason=f"runs in untraced code of '{parent or '<model>'}'" + (f" ({why})" if why else ""),
+                health=health_flags(getattr(module, "running_mean", None), getattr(module, "running_var", None),
+                                    getattr(module, "eps", None), getattr(module, "weight", None),
+                                    getattr(module, "bias", None), nbt_value),
+            ))
+            if is_plain(module):
+                continue
+        for child_name, child in reversed(list(module.named_children())):
+            stack.append((_join(name, child_name), child))
+    return sites
+
+
+def find_norms(model: nn.Module, *, leaf_modules: tuple = ()) -> list[NormSite]:
+    """Every normalization layer of ``model``, in graph order, with where it can fold or why not.
+
+    ``model`` may be any module (it is traced with :func:`fxnorm.trace`, part by part if needed; the
+    model itself is not changed) or the output of :func:`fxnorm.trace` / any ``GraphModule``. Norms
+    in untraced code are reported with ``op="eager"`` after the graph ones.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+        >>> [(s.name, s.fold or s.reason) for s in find_norms(m)]
+        [('1', 'into_producer'), ('3', 'producer _2 (ReLU) is not a conv/linear; consumer the graph output is not a conv')]
+    """
+    traced = model if is_traced(model) else trace(model, leaf_modules=leaf_modules)
+    report = trace_report(traced)
+    sites: list[NormSite] = []
+    for prefix, gm in graph_parts(traced):
+        calls = call_sites(gm)
+        for node in gm.graph.nodes:
+            found = node_norm_kind(gm, node)
+            if found is None:
+                continue
+            kind, module = found
+            site = (_module_site(gm, prefix, node, module, kind) if module is not None
+                    else _function_site(gm, prefix, node, kind, model))
+            plan = plan_norm(gm, node, calls)
+            if plan.mode is not None and plan.target is not None:
+                site.fold, site.fold_into = plan.mode, _join(prefix, str(plan.target.target))
+            else:
+                site.reason = plan.reason
+            sites.append(site)
+    reasons = {u.name: u.reason for u in report.untraced}
+    sites.extend(_eager_sites(traced, reasons))
+    return sites

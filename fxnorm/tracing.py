@@ -36,6 +36,11 @@ __all__ = ["NormTracer", "UntracedPart", "TraceReport", "trace", "trace_report",
 
 _REPORT_ATTR = "_fxnorm_trace_report"
 LeafSpec = type | str | nn.Module
+_MISSING = object()
+
+
+def _no_check(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a norm's ``_check_input_dim`` while the tracer goes inside it."""
 
 
 @dataclass
@@ -99,10 +104,22 @@ class NormTracer(fx.Tracer):
             self._scope = self.path_of_module(m)
         except NameError:
             pass
+        # A norm subclass with its own forward is traced through; when it calls its base's forward,
+        # the base's input-rank check (``if input.dim() != 4: raise``) would branch on a proxy and
+        # fail the whole trace. Silence that check (on this instance, for this call only).
+        patched = known_base(m) is not None and not is_plain(m) and callable(getattr(m, "_check_input_dim", None))
+        if patched:
+            saved = m.__dict__.get("_check_input_dim", _MISSING)
+            object.__setattr__(m, "_check_input_dim", _no_check)
         try:
             return super().call_module(m, forward, args, kwargs)
         finally:
             self._scope = outer
+            if patched:
+                if saved is _MISSING:
+                    del m.__dict__["_check_input_dim"]
+                else:
+                    m.__dict__["_check_input_dim"] = saved
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -120,7 +137,10 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
     # Tracing runs the module's Python code on proxies, and some modules cache what they compute
     # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
     # back afterwards so that neither the user's model nor the graph keeps a proxy.
+    # Code traced through runs on the real buffers too (a BatchNorm subclass in training mode does
+    # ``self.num_batches_tracked.add_(1)``): put back every buffer changed in place.
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
     try:
         tracer = NormTracer(leaf_modules, prefix)
         graph = tracer.trace(module, concrete_args=concrete_args)
@@ -132,6 +152,10 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             if len(current) != len(state) or any(current.get(k, state) is not v for k, v in state.items()):
                 current.clear()
                 current.update(state)
+        with torch.no_grad():
+            for buf, version, value in buffers:
+                if buf._version != version:
+                    buf.copy_(value)
 
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:

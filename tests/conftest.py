@@ -1,0 +1,17 @@
+"""Shared pytest set-up: put ``tests/`` on ``sys.path`` so test modules can ``import zoo`` and
+``from devices import DEVICES``; keep torch to the CI's two cores."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import torch  # noqa: E402  (after the path set-up on purpose)
+
+# CI runs on two slow cores; more intra-op threads than cores only adds contention.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parameter import is_lazy
 
 from .kinds import BN_KINDS, functional_norm_kind, has_running_stats, is_plain, layer_kind, norm_kind
 
@@ -93,6 +94,8 @@ def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
     if module is not None:
         if not is_plain(module):
             return f"{type(module).__name__} overrides forward(): fxnorm cannot tell what it computes"
+        if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            return "uninitialized lazy module: run one forward before folding"
         if kind not in BN_KINDS and not kind.startswith("InstanceNorm"):
             return f"{kind} normalizes each input with its own statistics; only its affine part can fold"
         if kind == "FrozenBatchNorm2d":

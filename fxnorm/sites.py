@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 
 from .kinds import has_running_stats, is_plain, norm_kind
 from .plan import call_sites, functional_args, node_norm_kind, plan_norm
@@ -78,6 +79,8 @@ def health_flags(
         ['statistics never updated']
     """
     flags: list[str] = []
+    if any(isinstance(t, torch.Tensor) and is_lazy(t) for t in (running_mean, running_var, weight, bias)):
+        return ["uninitialized (lazy module): run one forward first"]
     for label, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             flags.append(f"NaN/Inf in {label}")
@@ -112,8 +115,10 @@ def _scope_name(gm: fx.GraphModule, node: fx.Node) -> str:
     for key in ("running_mean", "weight"):
         arg = args.get(key)
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            return str(arg.target).rpartition(".")[0]
-    return node.name
+            owner = str(arg.target).rpartition(".")[0]
+            if owner:
+                return owner
+    return node.name  # a functional norm in the top-level forward: name it by its node
 
 
 def _lookup(root: nn.Module, name: str) -> nn.Module | None:
@@ -155,11 +160,15 @@ def _module_site(gm: fx.GraphModule, prefix: str, node: fx.Node, module: nn.Modu
 
 def _num_features(module: nn.Module) -> int | None:
     for attr in ("num_features", "num_channels"):
-        if isinstance(getattr(module, attr, None), int):
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) > 0:  # 0: lazy, not set
             return getattr(module, attr)
     shape = getattr(module, "normalized_shape", None)
     if shape:
         return int(torch.Size(shape).numel())
+    for attr in ("running_mean", "weight"):  # FrozenBatchNorm2d keeps no num_features
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor) and not is_lazy(t):
+            return int(t.numel())
     return None
 
 

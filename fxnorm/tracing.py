@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 
 from .errors import TraceError
 from .kinds import is_plain, known_base
@@ -140,7 +141,7 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
     # Code traced through runs on the real buffers too (a BatchNorm subclass in training mode does
     # ``self.num_batches_tracked.add_(1)``): put back every buffer changed in place.
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
-    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers() if not is_lazy(b)]
     try:
         tracer = NormTracer(leaf_modules, prefix)
         graph = tracer.trace(module, concrete_args=concrete_args)

@@ -1,0 +1,267 @@
+"""Fold the affine part of LayerNorm / RMSNorm / GroupNorm into the layers that alone consume it.
+
+``LayerNorm(x) = n(x) * gamma + beta`` and ``Linear(W, c)(n * gamma + beta) = (W * gamma) n + (W beta + c)``:
+when every user of the norm's output is a Linear (or an ``nn.MultiheadAttention`` whose query, key and
+value are all that output, its packed input projection being a Linear) called at one site, gamma and
+beta move into those layers and the norm loses its affine parameters. Exact up to float rounding.
+GroupNorm normalizes over channel dim 1: its affine part folds into (non-transposed) convs, whose
+zero padding must not see the shift (so beta must be zero, or the conv pads with no zeros).
+
+This is used by :func:`fxnorm.fold` with ``norm_affine=True``; the folded norms are reported with
+mode ``"norm_affine_into_consumer"``.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from fxnorm.fold import fold
+    >>> block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    >>> nn.init.normal_(block[0].weight); nn.init.normal_(block[0].bias)  # doctest: +ELLIPSIS
+    Parameter...
+    >>> folded = fold(block, norm_affine=True)
+    >>> x = torch.randn(2, 3, 8)
+    >>> torch.allclose(folded(x), block(x), atol=1e-5), folded.get_submodule("0").elementwise_affine
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .fold_math import fold_affine_into_next_linear, fold_bn_into_next_conv
+from .fold_report import FoldedNorm, FoldReport
+from .kinds import is_plain, layer_kind
+from .plan import _fetch, describe, node_norm_kind
+from .sites import _scope_name
+from .tracing import graph_parts
+
+__all__ = ["fold_norm_affine", "plan_norm_affine", "AffinePlan"]
+
+_LAST_DIM = ("LayerNorm", "RMSNorm", "layer_norm", "rms_norm")
+_CHANNEL = ("GroupNorm", "group_norm")
+#: positions of (weight, bias) in the functional norms' arguments (None: the function has no bias)
+_FUNCTIONAL_AFFINE = {"layer_norm": (2, 3), "rms_norm": (2, None), "group_norm": (2, 3)}
+
+
+@dataclass
+class AffinePlan:
+    """How one norm's affine part folds: into ``consumers`` (nodes), or why not (``reason``)."""
+
+    gamma: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    consumers: list[fx.Node] = field(default_factory=list)
+    reason: str | None = None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _affine_params(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Module | None) -> tuple | str:
+    """(gamma, beta, features) of the norm, or why it has no foldable affine part."""
+    if module is not None:
+        if not is_plain(module):
+            return f"{type(module).__name__} overrides forward()"
+        gamma, beta = getattr(module, "weight", None), getattr(module, "bias", None)
+        if kind in _CHANNEL:
+            features = module.num_channels
+        else:
+            shape = tuple(module.normalized_shape)
+            if len(shape) != 1:
+                return f"normalized_shape {shape} spans several dims; only a last-dim affine folds into a Linear"
+            features = shape[0]
+    else:
+        wpos, bpos = _FUNCTIONAL_AFFINE[kind]
+        names = ("weight", "bias")
+        values = []
+        for pos, key in zip((wpos, bpos), names):
+            arg = None if pos is None else (node.args[pos] if len(node.args) > pos else node.kwargs.get(key))
+            try:
+                values.append(_fetch(gm, arg))
+            except LookupError:
+                return f"functional {kind} whose {key} is computed in the graph"
+        gamma, beta = values
+        if kind in _CHANNEL:
+            features = None
+        else:
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (list, tuple)) else ()
+            if len(shape) != 1 or not isinstance(shape[0], int):
+                return f"normalized_shape {shape} is not one constant dim"
+            features = shape[0]
+    if gamma is None and beta is None:
+        return "it has no affine parameters"
+    ref = gamma if gamma is not None else beta
+    return gamma, beta, features if features is not None else int(ref.numel())
+
+
+def _consumer_reason(gm: fx.GraphModule, node: fx.Node, user: fx.Node, channel: bool, beta: Any,
+                     features: int, sites: dict[int, list[fx.Node]]) -> str | None:
+    if user.op != "call_module":
+        return f"{describe(gm, user)} uses its output"
+    layer = gm.get_submodule(str(user.target))
+    if len(sites.get(id(layer), [])) > 1:
+        return f"consumer {user.target} is called at several sites"
+    if isinstance(layer, nn.MultiheadAttention) and not channel:
+        if type(layer).forward is not nn.MultiheadAttention.forward or not layer._qkv_same_embed_dim:
+            return f"consumer {user.target} is a MultiheadAttention with separate q/k/v projections"
+        qkv = list(user.args[:3]) + [user.kwargs.get(k) for k in ("query", "key", "value") if k in user.kwargs]
+        if len(qkv) != 3 or any(a is not node for a in qkv):
+            return f"consumer {user.target} is a MultiheadAttention whose query, key and value differ"
+        if any(a is node for a in list(user.args[3:]) + list(user.kwargs.values())):
+            return f"consumer {user.target} also reads the norm output as a mask"
+        return None if layer.embed_dim == features else f"consumer {user.target} has another width"
+    kind = layer_kind(layer)
+    if kind is None or not is_plain(layer) or kind.startswith("ConvTranspose"):
+        return f"{describe(gm, user)} is not a Linear" + (" or conv" if channel else "")
+    if [a for a in user.args[1:]] or user.kwargs or not user.args or user.args[0] is not node:
+        return f"consumer {user.target} is not called on the norm output alone"
+    if channel != (kind != "Linear"):
+        want = "a conv (GroupNorm normalizes channel dim 1)" if channel else "a Linear (the affine is over the last dim)"
+        return f"consumer {user.target} is {kind}, not {want}"
+    if kind == "Linear":
+        return None if layer.in_features == features else f"consumer {user.target} has {layer.in_features} inputs"
+    if layer.in_channels != features:
+        return f"consumer {user.target} has {layer.in_channels} input channels"
+    padding = layer.padding
+    pads = any(p != 0 for p in padding) if isinstance(padding, tuple) else padding != "valid"
+    if pads and layer.padding_mode == "zeros" and beta is not None and bool(torch.any(beta != 0)):
+        return f"consumer {user.target} pads with zeros, which would not see the norm's shift"
+    return None
+
+
+def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx.Node]]) -> AffinePlan | None:
+    """Where the affine part of the LayerNorm/RMSNorm/GroupNorm at ``node`` folds (None: not such a norm).
+
+    Example:
+        >>> import torch.nn as nn, fxnorm
+        >>> from fxnorm.plan import call_sites
+        >>> gm = fxnorm.trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+        >>> node = [n for n in gm.graph.nodes if n.target == "0"][0]
+        >>> [c.target for c in plan_norm_affine(gm, node, call_sites(gm)).consumers]
+        ['1']
+    """
+    found = node_norm_kind(gm, node)
+    if found is None or found[0] not in _LAST_DIM + _CHANNEL:
+        return None
+    kind, module = found
+    if module is not None and len(sites.get(id(module), [])) > 1:
+        return AffinePlan(reason=f"the {kind} module is called at several sites")
+    params = _affine_params(gm, node, kind, module)
+    if isinstance(params, str):
+        return AffinePlan(reason=params)
+    gamma, beta, features = params
+    users = list(node.users)
+    if not users:
+        return AffinePlan(reason="its output is unused")
+    for user in users:
+        why = _consumer_reason(gm, node, user, kind in _CHANNEL, beta, features, sites)
+        if why is not None:
+            return AffinePlan(reason=f"affine part not folded: {why}")
+    return AffinePlan(gamma, beta, users)
+
+
+def _without_affine(module: nn.Module, kind: str) -> nn.Module:
+    if kind == "LayerNorm":
+        return nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=False)
+    if kind == "RMSNorm":
+        return nn.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=False)
+    return nn.GroupNorm(module.num_groups, module.num_channels, eps=module.eps, affine=False)
+
+
+def _new_weights(gm: fx.GraphModule, plan: AffinePlan) -> list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor]]:
+    """(layer, weight attr, bias attr, new weight, new bias) for every consumer; nothing assigned."""
+    out = []
+    for user in plan.consumers:
+        layer = gm.get_submodule(str(user.target))
+        if isinstance(layer, nn.MultiheadAttention):
+            w, b = fold_affine_into_next_linear(layer.in_proj_weight.detach(), _detached(layer.in_proj_bias),
+                                                plan.gamma, plan.beta)
+            out.append((layer, "in_proj_weight", "in_proj_bias", w, b))
+        elif layer_kind(layer) == "Linear":
+            w, b = fold_affine_into_next_linear(layer.weight.detach(), _detached(layer.bias), plan.gamma, plan.beta)
+            out.append((layer, "weight", "bias", w, b))
+        else:
+            c = layer.in_channels
+            gamma = plan.gamma if plan.gamma is not None else torch.ones(c, dtype=plan.beta.dtype)
+            beta = plan.beta if plan.beta is not None else torch.zeros(c, dtype=gamma.dtype, device=gamma.device)
+            w, b = fold_bn_into_next_conv(layer.weight.detach(), _detached(layer.bias), gamma, beta, groups=layer.groups)
+            out.append((layer, "weight", "bias", w, b))
+    return out
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _strip_functional(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
+    for pos, key in zip(_FUNCTIONAL_AFFINE[kind], ("weight", "bias")):
+        if pos is None:
+            continue
+        if len(node.args) > pos:
+            old = node.args[pos]
+            node.update_arg(pos, None)
+        elif key in node.kwargs:
+            old = node.kwargs[key]
+            node.update_kwarg(key, None)
+        else:
+            continue
+        if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+            gm.graph.erase_node(old)
+
+
+def fold_norm_affine(traced: nn.Module, report: FoldReport) -> None:
+    """Fold the affine part of every LayerNorm/RMSNorm/GroupNorm of a traced model that folds; update
+    ``report`` (folded norms added, the reason of the others extended). All new weights are computed
+    before anything is assigned.
+
+    Example:
+        >>> import torch.nn as nn, fxnorm
+        >>> gm = fxnorm.trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+        >>> report = FoldReport()
+        >>> fold_norm_affine(gm, report)
+        >>> [(f.name, f.into) for f in report.folded]
+        [('0', '1')]
+    """
+    parts = list(graph_parts(traced))
+    sites: dict[int, list[fx.Node]] = defaultdict(list)
+    for _, gm in parts:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                sites[id(gm.get_submodule(str(node.target)))].append(node)
+    todo, refused = [], {}
+    for prefix, gm in parts:
+        for node in gm.graph.nodes:
+            plan = plan_norm_affine(gm, node, sites)
+            if plan is None:
+                continue
+            name = _join(prefix, str(node.target) if node.op == "call_module" else _scope_name(gm, node))
+            if plan.reason is not None:
+                refused[name] = plan.reason
+            else:
+                todo.append((prefix, gm, node, name, plan, _new_weights(gm, plan)))
+    with torch.no_grad():
+        for prefix, gm, node, name, plan, weights in todo:
+            for layer, wname, bname, w, b in weights:
+                old_w, old_b = getattr(layer, wname), getattr(layer, bname)
+                setattr(layer, wname, nn.Parameter(w, requires_grad=old_w.requires_grad))
+                grad = old_b.requires_grad if old_b is not None else old_w.requires_grad
+                setattr(layer, bname, nn.Parameter(b, requires_grad=grad))
+            kind, module = node_norm_kind(gm, node)  # type: ignore[misc]
+            if module is not None:
+                gm.add_submodule(str(node.target), _without_affine(module, kind))
+            else:
+                _strip_functional(gm, node, kind)
+            into = ", ".join(_join(prefix, str(u.target)) for u in plan.consumers)
+            report.folded.append(FoldedNorm(name, kind, "norm_affine_into_consumer", into))
+    for _, gm in {id(gm): (p, gm) for p, gm, *_ in todo}.values():
+        gm.recompile()
+    done = {f.name for f in report.folded}
+    report.skipped = [s for s in report.skipped if s.name not in done]
+    for s in report.skipped:
+        if s.name in refused:
+            s.reason = f"{s.reason}; {refused[s.name]}"

@@ -1,0 +1,402 @@
+"""Fold eval-mode batch norms into neighbouring conv/linear layers: same outputs, fewer ops.
+
+:func:`fold` traces the model with :func:`fxnorm.trace` (part by part when it does not trace as a
+whole: every traced part folds), asks :func:`fxnorm.plan.plan_norm` where each norm folds, and
+applies the plan until nothing more folds (a fold can enable another: conv -> bn -> bn). Planning
+runs on copies of the graphs, so nothing is changed before everything is known: ``strict=True``
+raises before touching the model, and a failure never leaves a half-folded model behind.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> folded = fold(model)
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> torch.allclose(folded(x), model(x), atol=1e-5), fold_report(folded).folded[0].into
+    (True, '0')
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.parameter import is_lazy
+
+from .affine_fold import fold_norm_affine
+from .errors import FoldError
+from .fold_math import (
+    bn_scale_shift,
+    fold_bn_into_conv,
+    fold_bn_into_linear,
+    fold_bn_into_next_conv,
+    fold_bn_into_next_linear,
+)
+from .fold_report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
+from .fold_shapes import record_shapes
+from .kinds import BN_KINDS, layer_kind
+from .plan import bn_constants, node_norm_kind, plan_norm
+from .sites import _eager_sites, _scope_name
+from .tracing import graph_parts, trace, trace_report
+
+__all__ = ["fold", "fold_report", "ChannelAffine", "FoldReport", "FoldedNorm", "SkippedNorm"]
+
+_STANDALONE = ("keep", "affine")
+
+
+class ChannelAffine(nn.Module):
+    """``y = x * scale + shift`` per channel (dim 1): what an unfoldable eval-mode batch norm computes.
+
+    ``scale``/``shift`` are buffers kept in float32 (float64 for a float64 norm); the output has the
+    input's dtype. Traceable by ``torch.fx`` (it broadcasts over the last dim of ``x.transpose(1, -1)``).
+
+    Example:
+        >>> m = ChannelAffine(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0]))
+        >>> m(torch.ones(1, 2, 1, 1)).flatten().tolist()
+        [2.0, 4.0]
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.transpose(1, -1)
+        return (t * self.scale.to(x.dtype) + self.shift.to(x.dtype)).transpose(1, -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+@dataclass
+class _Action:
+    """One planned change: fold ``scale``/``shift`` into ``layer`` (or replace the norm by an affine)."""
+
+    name: str
+    kind: str
+    mode: str
+    layer: str  # target inside the GraphModule: the conv/linear, or the new ChannelAffine module
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass
+class _PartPlan:
+    prefix: str
+    gm: fx.GraphModule
+    graph: fx.Graph
+    actions: list[_Action] = field(default_factory=list)
+    erased: set[str] = field(default_factory=set)  # call_module / get_attr targets no longer used
+    skipped: list[tuple[SkippedNorm, bool]] = field(default_factory=list)  # (site, has BN-kind)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _norm_name(gm: fx.GraphModule, prefix: str, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return _join(prefix, str(node.target))
+    return _join(prefix, _scope_name(gm, node))
+
+
+def _graph_sites(graphs: list[tuple[fx.GraphModule, fx.Graph]]) -> dict[int, list[fx.Node]]:
+    """call_module nodes of every graph grouped by module identity (a layer shared across parts counts
+    all its call sites)."""
+    sites: dict[int, list[fx.Node]] = defaultdict(list)
+    for gm, graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                sites[id(gm.get_submodule(str(node.target)))].append(node)
+    return sites
+
+
+def _erase_norm(part: _PartPlan, node: fx.Node, replacement: fx.Node) -> None:
+    """Route the norm's users to ``replacement`` and erase it with the constants only it used."""
+    node.replace_all_uses_with(replacement)
+    inputs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    if node.op == "call_module":
+        part.erased.add(str(node.target))
+    part.graph.erase_node(node)
+    for arg in inputs:
+        if not arg.users:
+            part.erased.add(str(arg.target))
+            part.graph.erase_node(arg)
+
+
+def _free_name(gm: fx.GraphModule, wanted: str, taken: set[str]) -> str:
+    """An attribute name of ``gm`` (no dots) that nothing uses yet."""
+    name, i = wanted, 1
+    while name in taken or hasattr(gm, name):
+        name, i = f"{wanted}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str) -> None:
+    """Fold (on ``part.graph``, a copy) until nothing more folds; record actions and what is left."""
+    gm, graph, reasons = part.gm, part.graph, {}
+    created: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node in created or node_norm_kind(gm, node) is None:
+                continue
+            plan = plan_norm(gm, node, sites)
+            if plan.mode is None or plan.target is None:
+                continue
+            consts = bn_constants(gm, node)
+            assert not isinstance(consts, str)  # plan_norm only plans a norm with constants
+            try:
+                scale, shift = bn_scale_shift(consts.running_mean, consts.running_var, consts.eps,
+                                              consts.weight, consts.bias)
+            except FoldError as err:
+                reasons[node] = str(err)
+                continue
+            kind = node_norm_kind(gm, node)[0]  # type: ignore[index]
+            part.actions.append(_Action(_norm_name(gm, part.prefix, node), kind, plan.mode,
+                                        str(plan.target.target), scale, shift))
+            source = node.args[0]
+            assert isinstance(source, fx.Node)
+            _erase_norm(part, node, plan.target if plan.mode == "into_producer" else source)
+            changed = True
+    taken: set[str] = set()
+    for node in list(graph.nodes):
+        found = None if node in created else node_norm_kind(gm, node)
+        if found is None:
+            continue
+        kind, name = found[0], _norm_name(gm, part.prefix, node)
+        consts = bn_constants(gm, node)
+        if standalone == "affine" and not isinstance(consts, str) and node not in reasons:
+            scale, shift = bn_scale_shift(consts.running_mean, consts.running_var, consts.eps,
+                                          consts.weight, consts.bias)
+            base = str(node.target) if node.op == "call_module" else f"{_scope_name(gm, node)}_affine"
+            target = base if node.op == "call_module" else _free_name(gm, base.replace(".", "_"), taken)
+            part.actions.append(_Action(name, kind, "affine", target, scale, shift))
+            with graph.inserting_before(node):
+                new = graph.call_module(target, (node.args[0],))
+            new.meta = dict(node.meta)
+            created.add(new)
+            _erase_norm(part, node, new)
+            part.erased.discard(target)
+            continue
+        reason = reasons.get(node) or plan_norm(gm, node, sites).reason or "cannot fold"
+        part.skipped.append((SkippedNorm(name, kind, reason), kind in BN_KINDS))
+
+
+def _new_parameter(old: torch.Tensor | None, value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    grad = old.requires_grad if isinstance(old, torch.Tensor) else like.requires_grad
+    return nn.Parameter(value, requires_grad=grad)
+
+
+def _compute(parts: list[_PartPlan]) -> dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """New (weight, bias) of every layer something folds into, actions applied in order; nothing assigned."""
+    pending: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+    for part in parts:
+        for act in part.actions:
+            if act.mode == "affine":
+                continue
+            layer = part.gm.get_submodule(act.layer)
+            kind = layer_kind(layer) or ""
+            _, w, b = pending.get(id(layer), (layer, layer.weight.detach(), _detached(layer.bias)))
+            try:
+                if act.mode == "into_producer" and kind == "Linear":
+                    w, b = fold_bn_into_linear(w, b, act.scale, act.shift)
+                elif act.mode == "into_producer":
+                    w, b = fold_bn_into_conv(w, b, act.scale, act.shift, transposed=kind.startswith("ConvTranspose"),
+                                             groups=layer.groups)
+                elif kind == "Linear":
+                    w, b = fold_bn_into_next_linear(w, b, act.scale, act.shift)
+                else:
+                    w, b = fold_bn_into_next_conv(w, b, act.scale, act.shift, groups=layer.groups)
+            except FoldError as err:
+                raise FoldError(f"folding {act.name} into {_join(part.prefix, act.layer)} failed: {err}; the model "
+                                "was left unchanged") from err
+            pending[id(layer)] = (layer, w, b)
+    return pending  # type: ignore[return-value]
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _commit(parts: list[_PartPlan]) -> None:
+    """Apply the planned actions: new weights, affine modules, the edited graphs; drop unused norms."""
+    weights = _compute(parts)
+    with torch.no_grad():
+        for layer, w, b in weights.values():
+            layer.weight = _new_parameter(layer.weight, w, layer.weight)
+            layer.bias = _new_parameter(layer.bias, b, layer.weight)
+    for part in parts:
+        if not part.actions:
+            continue
+        gm = part.gm
+        for act in part.actions:
+            if act.mode == "affine":
+                gm.add_submodule(act.layer, ChannelAffine(act.scale, act.shift))
+        gm.graph = part.graph
+        _drop_unused(gm, part.erased)
+
+
+def _drop_unused(gm: fx.GraphModule, erased: set[str]) -> None:
+    """Delete the norms (modules, or the constants of functional norms) that no node uses any more.
+    A tensor is only removed from a module that no ``call_module`` node runs (directly or inside an
+    ancestor), and a module only when no node refers to it or to anything inside it."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    used = called | {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+    def inside(path: str, targets: set[str]) -> bool:
+        return any(t == path or t.startswith(path + ".") for t in targets)
+
+    def runs(path: str) -> bool:
+        return any(path == c or path.startswith(c + ".") for c in called)
+
+    owners: set[str] = set()
+    for target in sorted(erased):
+        if inside(target, used):
+            continue
+        if _is_module(gm, target):
+            owners.add(target)
+            continue
+        owner, _, attr = target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if not runs(owner) and (attr in module._buffers or attr in module._parameters):
+            delattr(module, attr)
+        owners.add(owner)
+    for owner in sorted(owners, key=len, reverse=True):
+        if owner and _is_module(gm, owner) and not inside(owner, used) and not runs(owner):
+            gm.delete_submodule(owner)
+
+
+def _is_module(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _strict_error(sites: list[tuple[str, str, str]]) -> FoldError:
+    lines = "\n".join(f"  - {name} ({kind}): {reason}" for name, kind, reason in sites)
+    return FoldError(
+        f"{len(sites)} batch norm(s) cannot fold exactly (strict=True, nothing was changed):\n{lines}\n"
+        "Fix them (model.eval(), leaf_modules=..., example_inputs=...) or pass strict=False to skip them."
+    )
+
+
+def fold(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    strict: bool = False,
+    standalone: str = "keep",
+    norm_affine: bool = False,
+    example_inputs: tuple | None = None,
+    leaf_modules: tuple = (),
+) -> nn.Module:
+    """Fold every eval-mode batch norm of ``model`` that folds exactly into a neighbouring conv/linear.
+
+    Args:
+        model: any ``nn.Module`` (BN in eval mode; a BN in training mode is never folded).
+        inplace: change ``model``'s own layers (faster, no copy). Use the returned module afterwards:
+            ``model`` itself is no longer consistent. By default ``model`` is deep-copied and left as is.
+        strict: raise :class:`FoldError` listing every batch norm that cannot fold, before changing
+            anything. Otherwise such norms are skipped and reported with the reason.
+        standalone: ``"keep"`` leaves unfoldable norms as they are; ``"affine"`` turns each one with
+            constant statistics into a :class:`ChannelAffine` (``x * scale + shift``).
+        norm_affine: also fold the affine part of LayerNorm/RMSNorm/GroupNorm into the Linear/1x1 conv
+            layers that alone consume them (see :mod:`fxnorm.affine_fold`).
+        example_inputs: positional arguments of ``model(*example_inputs)``; shapes recorded from one run
+            decide folds that depend on ranks (Linear -> BatchNorm1d on 2-D input folds, 3-D does not).
+        leaf_modules: modules the tracer keeps opaque (classes, qualified names or instances).
+
+    Returns:
+        The folded model (a ``GraphModule``, or the model with its traceable parts as ``GraphModule``).
+        :func:`fold_report` gives what folded where and what was skipped and why.
+
+    Raises:
+        FoldError: bad arguments, ``strict=True`` with norms that cannot fold, or example inputs that do
+            not run. ``model`` is unchanged whenever an error is raised.
+
+    Example:
+        >>> import torchvision
+        >>> folded = fold(torchvision.models.resnet18().eval())
+        >>> len(fold_report(folded).folded), fold_report(folded).skipped
+        (20, [])
+    """
+    if not isinstance(model, nn.Module):
+        raise FoldError(f"fxnorm.fold expects an nn.Module, got {type(model).__name__}")
+    if standalone not in _STANDALONE:
+        raise FoldError(f"standalone must be one of {_STANDALONE}, got {standalone!r}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise FoldError("example_inputs must be a tuple of positional arguments for model(*example_inputs), "
+                        f"got {type(example_inputs).__name__}")
+    shared: dict[int, torch.Tensor] = {}
+    try:
+        work = model if inplace else _copy_model(model, shared)
+    except Exception as err:  # deepcopy of arbitrary user objects
+        raise FoldError(f"could not copy {type(model).__name__} ({err}); pass inplace=True to fold it in place") from err
+    traced = trace(work, inplace=True, leaf_modules=leaf_modules)
+    if example_inputs is not None:
+        record_shapes(traced, tuple(example_inputs))
+    parts = [_PartPlan(prefix, gm, copy.deepcopy(gm.graph)) for prefix, gm in graph_parts(traced)]
+    sites = _graph_sites([(p.gm, p.graph) for p in parts])
+    for part in parts:
+        _plan_part(part, sites, standalone)
+    report = FoldReport(untraced=list(trace_report(traced).untraced))
+    reasons = {u.name: u.reason for u in report.untraced}
+    eager = [(SkippedNorm(s.name, s.kind, s.reason or "runs in untraced code"), s.kind in BN_KINDS)
+             for s in _eager_sites(traced, reasons)]
+    left = [site for part in parts for site in part.skipped] + eager
+    if strict:
+        bad = [(s.name, s.kind, s.reason) for s, is_bn in left if is_bn]
+        if bad:
+            raise _strict_error(bad)
+    _commit(parts)
+    for part in parts:
+        for act in part.actions:
+            report.folded.append(FoldedNorm(act.name, act.kind, act.mode, _join(part.prefix, act.layer)))
+    report.skipped = [s for s, _ in left]
+    if norm_affine:
+        fold_norm_affine(traced, report)
+    _unshare(traced, shared)
+    attach_report(traced, report)
+    return traced
+
+
+def _copy_model(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
+    """``copy.deepcopy(model)`` that does not copy the weights and biases of conv/linear layers: most
+    of them are replaced by folded ones anyway. Those are left shared and recorded in ``shared``;
+    :func:`_unshare` copies the ones still in use once folding is done."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        if layer_kind(module) is None:
+            continue
+        for t in module._parameters.values():
+            if isinstance(t, torch.Tensor) and not is_lazy(t):
+                memo[id(t)] = t
+                shared[id(t)] = t
+    return copy.deepcopy(model, memo)
+
+
+def _unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
+    """Replace every tensor of ``result`` still shared with the user's model by a deep copy (ties
+    inside ``result`` are kept: one copy per tensor)."""
+    if not shared:
+        return
+    copies: dict[int, torch.Tensor] = {}
+    for module in result.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None and id(t) in shared and shared[id(t)] is t:
+                    if id(t) not in copies:
+                        copies[id(t)] = copy.deepcopy(t)
+                    store[key] = copies[id(t)]

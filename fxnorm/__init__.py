@@ -7,6 +7,7 @@ Example:
     20 norms (BatchNorm2d: 20); 20 foldable, 0 not foldable; 0 untraced parts
 """
 
+from .fold import ChannelAffine, FoldedNorm, FoldReport, SkippedNorm, fold, fold_report
 from .errors import CalibrationError, DataError, FoldError, FxNormError, ModelLoadError, TraceError
 from .render import format_summary, format_table, format_untraced, report_dict, summarize
 from .sites import NormSite, find_norms
@@ -30,5 +31,11 @@ __all__ = [
     "format_untraced",
     "summarize",
     "report_dict",
+    "fold",
+    "fold_report",
+    "FoldReport",
+    "FoldedNorm",
+    "SkippedNorm",
+    "ChannelAffine",
 ]
 __version__ = "0.1.0"

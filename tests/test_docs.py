@@ -1,0 +1,169 @@
+"""The documentation stays true to the code: every public name is in the API reference (which is
+generated from the docstrings and must be regenerated when they change), every docstring example
+runs, and every relative link in the Markdown docs points to a file (and heading) that exists."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import os
+import pkgutil
+import re
+import sys
+
+import pytest
+import torch
+
+import fxnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+API = os.path.join(DOCS, "api.md")
+MARKDOWN = sorted(
+    [os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")]
+    + [p for p in (os.path.join(ROOT, "README.md"),) if os.path.exists(p)]
+)
+MODULES = sorted(f"fxnorm.{m.name}" for m in pkgutil.iter_modules(fxnorm.__path__))
+# Doctests of these scripts run too (they are small); their own skip directives apply.
+SCRIPTS = ["docs/gen_api.py", "examples/domain_shift.py", "examples/benchmarks/make_docs.py"]
+
+
+def _load_script(relpath: str):
+    path = os.path.join(ROOT, relpath)
+    if not os.path.exists(path):
+        pytest.skip(f"{relpath} is not there")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gen_api():
+    return _load_script("docs/gen_api.py")
+
+
+# ------------------------------------------------------------------------------------ API reference
+def _headings(path: str) -> list[str]:
+    with open(path) as f:
+        text = _without_fences(f.read())
+    return [m.group(2).strip() for m in re.finditer(r"^(#{1,6})\s+(.+?)\s*$", text, flags=re.M)]
+
+
+def test_every_public_name_has_a_heading_in_the_api_reference():
+    headings = set(_headings(API))
+    missing = [name for name in fxnorm.__all__ if f"`{name}`" not in headings]
+    assert not missing, f"not documented in docs/api.md: {missing}; run python docs/gen_api.py"
+
+
+def test_the_api_reference_is_generated_from_the_current_docstrings(gen_api):
+    with open(API) as f:
+        current = f.read()
+    assert current == gen_api.render(), "docs/api.md is out of date: run python docs/gen_api.py"
+
+
+def test_api_reference_shows_signatures_and_docstrings(gen_api):
+    text = gen_api.render()
+    # a function: its real signature (keyword-only marker, defaults) and its docstring's example
+    entry = text.split("### `trace_report`")[0].split("### `trace`")[1]
+    assert "*,\n    leaf_modules: Iterable[LeafSpec] = ()," in entry
+    assert "```python\n>>> import torchvision" in entry
+    assert "- `inplace`: replace the children of `model` itself." in entry
+    # a dataclass: its fields with the ``#:`` comments of the source
+    entry = text.split("### `NormSite`")[1].split("\n## ")[0]
+    assert "- `fold: str | None = None`: \"into_producer\", \"into_consumer\" or None" in entry
+    # an exception: its base class
+    assert "class TraceError(FxNormError)" in text
+
+
+def test_markdown_docstring_converts_sections_and_roles(gen_api):
+    doc = ('Summary with :func:`fxnorm.trace` and ``code``.\n\nArgs:\n    x: first line\n        continued.\n'
+           '    y (int): other.\n\nRaises:\n    FoldError: when.\n\nExample:\n    >>> 1 + 1\n    2\n')
+    text = gen_api.markdown_docstring(doc, {"trace"})
+    assert text == ("Summary with [`trace`](#trace) and `code`.\n\n**Args**\n\n- `x`: first line continued.\n"
+                    "- `y (int)`: other.\n\n**Raises**\n\n- `FoldError`: when.\n\n**Example**\n\n"
+                    "```python\n>>> 1 + 1\n2\n```")
+
+
+# --------------------------------------------------------------------------------- docstring examples
+def _run_doctests(module) -> None:
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    threads = torch.get_num_threads()
+    try:
+        tests = finder.find(module, module.__name__)
+        out: list[str] = []
+        for test in tests:
+            runner.run(test, out=out.append)
+    finally:
+        torch.set_num_threads(threads)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, "".join(out)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    _run_doctests(importlib.import_module(name))
+
+
+@pytest.mark.parametrize("relpath", SCRIPTS)
+def test_script_docstring_examples_run(relpath):
+    if relpath == "examples/domain_shift.py":
+        pytest.importorskip("sklearn")
+    _run_doctests(_load_script(relpath))
+
+
+# ------------------------------------------------------------------------------------------- links
+def _without_fences(text: str) -> str:
+    return re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.M | re.S)
+
+
+def _without_code(text: str) -> str:
+    return re.sub(r"`[^`\n]*`", "", _without_fences(text))
+
+
+def _anchors(path: str) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors: set[str] = set()
+    for heading in _headings(path):
+        plain = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", plain.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _links(path: str) -> list[str]:
+    with open(path) as f:
+        text = _without_code(f.read())
+    links = re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    links += re.findall(r"^\s*\[[^\]]+\]:\s*(\S+)", text, flags=re.M)  # reference-style definitions
+    return links
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_point_to_existing_files_and_headings(path):
+    broken = []
+    for link in _links(path):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", link, flags=re.I):  # http:, https:, mailto: ...
+            continue
+        target, _, fragment = link.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+        if not os.path.exists(full):
+            broken.append(f"{link} (no file {os.path.relpath(full, ROOT)})")
+        elif fragment and full.endswith(".md") and fragment not in _anchors(full):
+            broken.append(f"{link} (no heading #{fragment} in {os.path.relpath(full, ROOT)})")
+    assert not broken, f"broken links in {os.path.relpath(path, ROOT)}: {broken}"
+
+
+def test_link_checker_finds_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    (tmp_path / "there.md").write_text("# Title\n\n## A `code` heading\n")
+    page.write_text("[ok](there.md#a-code-heading) [bad](missing.md) [bad anchor](there.md#nope)\n"
+                    "```\n[not a link](nowhere.md)\n```\n")
+    assert _links(str(page)) == ["there.md#a-code-heading", "missing.md", "there.md#nope"]
+    assert _anchors(str(tmp_path / "there.md")) == {"title", "a-code-heading"}

@@ -167,3 +167,33 @@ def test_link_checker_finds_a_broken_link(tmp_path):
                     "```\n[not a link](nowhere.md)\n```\n")
     assert _links(str(page)) == ["there.md#a-code-heading", "missing.md", "there.md#nope"]
     assert _anchors(str(tmp_path / "there.md")) == {"title", "a-code-heading"}
+
+
+# ------------------------------------------------------------------------------ runnable guide pages
+GUIDES = ["docs/guide.md"]
+
+
+@pytest.mark.parametrize("relpath", GUIDES)
+def test_python_examples_in_guides_run_and_print_what_they_show(relpath):
+    """Every ```python block with ``>>>`` prompts in the page, run in order in one namespace."""
+    with open(os.path.join(ROOT, relpath)) as f:
+        text = f.read()
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    namespace: dict = {}
+    out: list[str] = []
+    tests = []
+    for match in re.finditer(r"^```python\n(.*?)^```", text, flags=re.M | re.S):
+        if ">>>" in match.group(1):
+            line = text.count("\n", 0, match.start(1))  # so failures point at the page's own lines
+            test = parser.get_doctest(match.group(1), namespace, relpath, os.path.join(ROOT, relpath), line)
+            test.globs = namespace  # DocTest copies its globals: share one namespace across the blocks
+            tests.append(test)
+    assert tests, f"{relpath} has no runnable example"
+    threads = torch.get_num_threads()
+    try:
+        for test in tests:
+            runner.run(test, out=out.append, clear_globs=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert runner.summarize(verbose=False).failed == 0, "".join(out)

@@ -81,6 +81,8 @@ def health_flags(
     flags: list[str] = []
     if any(isinstance(t, torch.Tensor) and is_lazy(t) for t in (running_mean, running_var, weight, bias)):
         return ["uninitialized (lazy module): run one forward first"]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in (running_mean, running_var, weight, bias)):
+        return []  # a model built on the meta device has no values to check
     for label, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             flags.append(f"NaN/Inf in {label}")

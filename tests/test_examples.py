@@ -54,7 +54,7 @@ def test_json_is_the_result(run_output):
     assert [r["corruption"] for r in written["rows"]] == CORRUPTIONS
     assert written["config"]["quick"] is True and written["config"]["epochs"] == 2
     for row in written["rows"]:
-        for method in ("source", "update_bn", "fxnorm"):
+        for method in ("source", "update_bn", "update_bn_no_dropout", "fxnorm"):
             # accuracies are fractions of the 540 test images
             assert 0.0 <= row[method] <= 1.0
             assert abs(row[method] * written["config"]["test_images"] - round(row[method] * 540)) < 1e-6
@@ -83,8 +83,8 @@ def test_plot_is_a_readable_chart(run_output):
     pixels = image.imread(str(run_output[2]))
     assert pixels.shape[:2] == (462, 990)  # figsize (9, 4.2) at 110 dpi
     rgb = torch.from_numpy(pixels[::3, ::3, :3].copy()).reshape(-1, 3)
-    # the three method colours are drawn as bars (more than a few pixels of each)
-    for hexcode in ("#9e9e9e", "#f28e2b", "#4e79a7"):
+    # the four method colours are drawn as bars (more than a few pixels of each)
+    for hexcode in ("#9e9e9e", "#f28e2b", "#f7c99b", "#4e79a7"):
         want = torch.tensor([int(hexcode[i:i + 2], 16) / 255 for i in (1, 3, 5)])
         assert int(((rgb - want).abs().max(dim=1).values < 0.01).sum()) > 50, hexcode
 

@@ -26,7 +26,8 @@ MARKDOWN = sorted(
 )
 MODULES = sorted(f"fxnorm.{m.name}" for m in pkgutil.iter_modules(fxnorm.__path__))
 # Doctests of these scripts run too (they are small); their own skip directives apply.
-SCRIPTS = ["docs/gen_api.py", "examples/domain_shift.py", "examples/benchmarks/make_docs.py"]
+SCRIPTS = ["docs/gen_api.py", "examples/domain_shift.py", "examples/benchmarks/make_docs.py",
+           "examples/benchmarks/docs_tables.py"]
 
 
 def _load_script(relpath: str):
@@ -197,3 +198,33 @@ def test_python_examples_in_guides_run_and_print_what_they_show(relpath):
     finally:
         torch.set_num_threads(threads)
     assert runner.summarize(verbose=False).failed == 0, "".join(out)
+
+
+# ---------------------------------------------------------------------------------- benchmarks page
+@pytest.fixture(scope="module")
+def make_docs():
+    return _load_script("examples/benchmarks/make_docs.py")
+
+
+def test_benchmarks_page_is_rendered_from_the_stored_results(make_docs):
+    with open(make_docs.PAGE) as f:
+        current = f.read()
+    assert current == make_docs.render_page(make_docs.load_results()), (
+        "docs/benchmarks.md is out of date: run python examples/benchmarks/make_docs.py")
+
+
+def test_benchmarks_page_shows_the_measured_shift_accuracies(make_docs):
+    results = make_docs.load_results()
+    if not results["shift"]:
+        pytest.skip("the domain-shift benchmark has not been run")
+    page = make_docs.render_page(results)
+    section = page.split("## Accuracy under domain shift")[1].split("The same with")[0]
+    for row in results["shift"]["rows"]:
+        line = next(l for l in section.splitlines() if l.startswith(f"| {row['corruption'].replace('_', ' ')} "))
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        shown = [float(c) for c in cells[1:5]]
+        want = [100 * row[m] for m in ("source", "update_bn", "update_bn_no_dropout", "fxnorm")]
+        assert shown == pytest.approx(want, abs=0.051), line
+        assert float(cells[5]) == pytest.approx(100 * (row["fxnorm"] - row["source"]), abs=0.051)
+    for name in ("domain_shift.png",):
+        assert os.path.exists(os.path.join(DOCS, name)), f"docs/{name} missing: run make_docs.py"

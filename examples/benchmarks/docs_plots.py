@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PLOTS", "plot_shift"]
+__all__ = ["PLOTS", "plot_shift", "plot_coverage", "plot_fold_latency"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.dirname(HERE)
@@ -54,7 +54,78 @@ def plot_shift(results: dict[str, Any], path: str) -> bool:
     return True
 
 
+def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], colors: dict[str, str], fmt: str) -> None:
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=label, color=colors[label])
+        ax.bar_label(bars, fmt=fmt, fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_coverage(results: dict[str, Any], path: str) -> bool:
+    """Batch norms in the model / left after torch fuse / left after fxnorm, per model family."""
+    data = results.get("coverage")
+    if not data:
+        return False
+    from docs_tables import coverage_by_family
+
+    plt = _pyplot()
+    fams = [f for f in coverage_by_family(data["rows"]) if f["bn_total"]]
+    labels = [f"{f['family']}\n({f['with_bn']} of {f['models']} models have BN)" for f in fams]
+    series = {
+        "batch norms in the model": [f["bn_total"] for f in fams],
+        "left after torch fuse": [f["bn_left_fuse"] for f in fams],
+        "left after fxnorm.fold": [f["bn_left_fxnorm"] for f in fams],
+    }
+    colors = dict(zip(series, ("#9e9e9e", "#f28e2b", "#4e79a7")))
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
+    _bars(ax, labels, series, colors, "%d")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylabel("batch norms (symlog scale)")
+    ax.set_ylim(0, max(series["batch norms in the model"]) * 4)
+    ax.set_title("torchvision zoo: batch norms left after folding (fewer is better; randomized statistics, "
+                 "no weights)", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8, ncol=3)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_fold_latency(results: dict[str, Any], path: str) -> bool:
+    """Latency of the torch-fused and fxnorm-folded models relative to the unfolded eval model."""
+    data = results.get("fold")
+    if not data or not any(k.startswith("fxnorm/eval_b") for k in data["rows"][0]):
+        return False
+    plt = _pyplot()
+    rows = data["rows"]
+    batches = sorted({int(k[len("eval_ms_b"):]) for r in rows for k in r if k.startswith("eval_ms_b")})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 3.8), dpi=110, squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        series = {
+            "torch fuse": [r[f"fuse_ms_b{b}"] / r[f"eval_ms_b{b}"] for r in rows],
+            "fxnorm.fold": [r[f"fxnorm_ms_b{b}"] / r[f"eval_ms_b{b}"] for r in rows],
+        }
+        _bars(ax, [r["model"].replace("_", "_\n", 1) for r in rows], series,
+              {"torch fuse": "#f28e2b", "fxnorm.fold": "#4e79a7"}, "%.2f")
+        ax.axhline(1.0, color="#555555", lw=0.8, ls="--")
+        ax.set_ylim(0, max(1.15, max(max(v) for v in series.values()) * 1.15))
+        ax.set_title(f"batch {b}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0][0].set_ylabel("latency / unfolded eval latency")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    meta = data.get("meta", {})
+    fig.suptitle(f"Folded model latency relative to the unfolded eval model (lower is better; "
+                 f"{meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 #: PNG file name in docs/ -> drawing function.
 PLOTS: dict[str, Callable[[dict[str, Any], str], bool]] = {
+    "coverage.png": plot_coverage,
+    "fold_latency.png": plot_fold_latency,
     "domain_shift.png": plot_shift,
 }

@@ -16,7 +16,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["SECTIONS", "table", "missing", "shift_section", "generic_section"]
+__all__ = ["SECTIONS", "table", "missing", "shift_section", "fold_section", "coverage_section", "family_of",
+           "coverage_by_family", "generic_section"]
 
 METHOD_NAMES = {"source": "no adaptation", "update_bn": "torch `update_bn`",
                 "update_bn_no_dropout": "`update_bn`, dropout p=0", "fxnorm": "`fxnorm.recalibrate`"}
@@ -131,6 +132,153 @@ def shift_section(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+# ------------------------------------------------------------------------------------------- folding
+def _num(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+
+def fold_section(results: dict[str, Any]) -> str:
+    """Fold pass time vs torch ``fuse``, norms left, and latency of the three models."""
+    data = results.get("fold")
+    if not data:
+        return missing("python examples/benchmarks/bench_fold.py --json examples/benchmarks/results/fold.json")
+    meta, rows = data.get("meta", {}), data["rows"]
+    batches = sorted({int(k[len("eval_ms_b"):]) for r in rows for k in r if k.startswith("eval_ms_b")})
+    out = [
+        "`fxnorm.fold` against `torch.fx.experimental.optimization.fuse` on torchvision models built without "
+        "weights, batch-norm statistics and affine parameters randomized (so no fold is an identity). "
+        f"Device {meta.get('device', 'cpu')}, torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads; "
+        "medians over repeats, the compared functions run in turn.",
+        "",
+        "**Pass time and batch norms left.** `fold / fuse` below 1 means fxnorm's pass is faster.",
+        "",
+        table(["model", "fxnorm.fold (s)", "torch fuse (s)", "fold / fuse", "BN total", "left after fuse",
+               "left after fxnorm"],
+              [[r["model"], _num(r["fold_s"], ".3f"), _num(r["fuse_s"], ".3f"), _num(r["fold/fuse"], ".2f"),
+                r["bn_total"], r["bn_left_fuse"], r["bn_left_fxnorm"]] for r in rows],
+              colalign=["left"] + ["right"] * 6),
+        "",
+    ]
+    for b in batches:
+        out += [
+            f"**Latency at batch {b}** (input {b}x3x{meta.get('size', 224)}x{meta.get('size', 224)}; ms). "
+            "`fxnorm / fuse` at or below 1 means the fxnorm-folded model is as fast as torch's fused one; "
+            "`fxnorm / eval` below 1 means it is faster than the unfolded eval model. `rel err`: max |folded − "
+            "original| / max |original| of the outputs.",
+            "",
+            table(["model", "eval (ms)", "torch fuse (ms)", "fxnorm (ms)", "fxnorm / fuse", "fxnorm / eval",
+                   "rel err"],
+                  [[r["model"], _num(r[f"eval_ms_b{b}"], ".1f"), _num(r[f"fuse_ms_b{b}"], ".1f"),
+                    _num(r[f"fxnorm_ms_b{b}"], ".1f"), _num(r[f"fxnorm/fuse_b{b}"], ".3f"),
+                    _num(r[f"fxnorm/eval_b{b}"], ".3f"), _num(r.get(f"err_b{b}", "-"), ".1e")] for r in rows],
+                  colalign=["left"] + ["right"] * 6),
+            "",
+        ]
+    if any(k.startswith("fxnorm/eval_b") for k in rows[0]):
+        out += ["![latency relative to the unfolded eval model](fold_latency.png)", ""]
+    out.append("Reproduce: `python examples/benchmarks/bench_fold.py` (`--device cuda` on a GPU). "
+               "[folding.md](folding.md) explains what folds and why.")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ coverage
+FAMILY_ORDER = ("classification", "segmentation", "video", "detection", "optical_flow")
+
+
+def family_of(name: str) -> str:
+    """The torchvision family of a model name (``list_models`` by module).
+
+    Example:
+        >>> family_of("resnet18"), family_of("fcn_resnet50"), family_of("r3d_18")
+        ('classification', 'segmentation', 'video')
+    """
+    from torchvision import models as tvm
+
+    for family, module in (("segmentation", tvm.segmentation), ("video", tvm.video),
+                           ("detection", tvm.detection), ("optical_flow", tvm.optical_flow)):
+        if name in tvm.list_models(module=module):
+            return family
+    return "classification"
+
+
+def _left(value: Any, total: int) -> int:
+    """Norms left by a tool: a count, or the total when the tool failed (reported as text)."""
+    return value if isinstance(value, int) else total
+
+
+def coverage_by_family(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family: models, models with batch norms, BN total, left after fuse / fxnorm, fuse failures,
+    worst relative error.
+
+    Example:
+        >>> coverage_by_family([{"model": "resnet18", "bn_total": 20, "bn_left_fuse": 0, "bn_left_fxnorm": 0,
+        ...                      "rel_err": 1e-6}])[0]["bn_total"]
+        20
+    """
+    families: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        fam = families.setdefault(family_of(r["model"]), {"models": 0, "with_bn": 0, "bn_total": 0,
+                                                           "bn_left_fuse": 0, "bn_left_fxnorm": 0,
+                                                           "fuse_failed": 0, "worst_rel_err": 0.0})
+        fam["models"] += 1
+        fam["with_bn"] += r["bn_total"] > 0
+        fam["bn_total"] += r["bn_total"]
+        fam["bn_left_fuse"] += _left(r["bn_left_fuse"], r["bn_total"])
+        fam["bn_left_fxnorm"] += r["bn_left_fxnorm"]
+        fam["fuse_failed"] += not isinstance(r["bn_left_fuse"], int)
+        fam["worst_rel_err"] = max(fam["worst_rel_err"], float(r.get("rel_err") or 0.0))
+    order = [f for f in FAMILY_ORDER if f in families] + sorted(set(families) - set(FAMILY_ORDER))
+    return [{"family": f, **families[f]} for f in order]
+
+
+def coverage_section(results: dict[str, Any]) -> str:
+    """Batch norms left after torch ``fuse`` and after fxnorm over the torchvision zoo."""
+    data = results.get("coverage")
+    if not data:
+        return missing("python examples/benchmarks/bench_fold.py --coverage "
+                       "--json examples/benchmarks/results/coverage.json")
+    rows = data["rows"]
+    fams = coverage_by_family(rows)
+    total = {k: sum(f[k] for f in fams) for k in ("models", "with_bn", "bn_total", "bn_left_fuse",
+                                                   "bn_left_fxnorm", "fuse_failed")}
+    worst = max(rows, key=lambda r: float(r.get("rel_err") or 0.0))
+
+    def line(name: str, f: dict[str, Any], err: str) -> list[Any]:
+        return [name, f["models"], f["with_bn"], f["bn_total"], f["bn_left_fuse"], f["bn_left_fxnorm"],
+                f["fuse_failed"], err]
+
+    body = [line(f["family"], f, f"{f['worst_rel_err']:.1e}") for f in fams]
+    body.append(line("**all**", total, f"{float(worst.get('rel_err') or 0):.1e} ({worst['model']})"))
+    out = [
+        f"Every torchvision {', '.join(f['family'] for f in fams)} model ({total['models']} models), built "
+        "without weights with randomized batch-norm statistics: batch norms in the model, left after torch's "
+        "`fuse`, and left after `fxnorm.fold`. When `fuse` fails (it needs the whole model to trace: every "
+        "detection model) all its norms count as left. `worst rel err`: max |folded − original| / max |original| "
+        "of fxnorm's output (detection models: per traced part, on the inputs it received).",
+        "",
+        table(["family", "models", "with BN", "BN total", "left after fuse", "left after fxnorm", "fuse failed",
+               "worst rel err"], body, colalign=["left"] + ["right"] * 7),
+        "",
+        "![batch norms left per model family](coverage.png)",
+        "",
+    ]
+    left = [r for r in rows if r["bn_left_fxnorm"]]
+    if left:
+        out += ["Models where fxnorm leaves batch norms (each one is reported by `fold_report` with its reason; "
+                "typically pre-activation norms that read a concatenation and feed a ReLU, as in DenseNet):", "",
+                table(["model", "BN total", "left after fuse", "left after fxnorm"],
+                      [[r["model"], r["bn_total"], r["bn_left_fuse"], r["bn_left_fxnorm"]] for r in left],
+                      colalign=["left", "right", "right", "right"]), ""]
+    per_model = [[r["model"], family_of(r["model"]), r["bn_total"], r["bn_left_fuse"], r["bn_left_fxnorm"],
+                  _num(float(r.get("rel_err") or 0.0), ".1e")] for r in rows if r["bn_total"]]
+    out += ["<details><summary>Every model with batch norms</summary>", "",
+            table(["model", "family", "BN total", "left after fuse", "left after fxnorm", "rel err"], per_model,
+                  colalign=["left", "left", "right", "right", "right", "right"]),
+            "", "</details>", "",
+            "Reproduce: `python examples/benchmarks/bench_fold.py --coverage` (`--models ...` for a subset)."]
+    return "\n".join(out) + "\n"
+
+
 def _generic(key: str, command: str) -> Callable[[dict[str, Any]], str]:
     def render(results: dict[str, Any]) -> str:
         data = results.get(key)
@@ -141,11 +289,8 @@ def _generic(key: str, command: str) -> Callable[[dict[str, Any]], str]:
 
 #: (title, anchor, renderer) in page order.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
-    ("Folding: pass time and latency", "folding-pass-time-and-latency",
-     _generic("fold", "python examples/benchmarks/bench_fold.py --json examples/benchmarks/results/fold.json")),
-    ("Coverage over the torchvision zoo", "coverage-over-the-torchvision-zoo",
-     _generic("coverage", "python examples/benchmarks/bench_fold.py --coverage "
-                          "--json examples/benchmarks/results/coverage.json")),
+    ("Folding: pass time and latency", "folding-pass-time-and-latency", fold_section),
+    ("Coverage over the torchvision zoo", "coverage-over-the-torchvision-zoo", coverage_section),
     ("Recalibration: throughput, memory, statistics error", "recalibration-throughput-memory-statistics-error",
      _generic("recalibrate", "python examples/benchmarks/bench_recalibrate.py "
                              "--json examples/benchmarks/results/recalibrate.json")),

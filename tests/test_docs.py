@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import importlib.util
 import os
 import pkgutil
@@ -228,3 +229,42 @@ def test_benchmarks_page_shows_the_measured_shift_accuracies(make_docs):
         assert float(cells[5]) == pytest.approx(100 * (row["fxnorm"] - row["source"]), abs=0.051)
     for name in ("domain_shift.png",):
         assert os.path.exists(os.path.join(DOCS, name)), f"docs/{name} missing: run make_docs.py"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io's image decoding (used by the CLI)
+def test_build_script_commands_in_the_guide_run(tmp_path, monkeypatch):
+    """The ```bash block of the guide's build-script section, run with ``fxnorm.cli.main`` in a
+    scratch folder holding the model file and image folder it names."""
+    cli = pytest.importorskip("fxnorm.cli")
+    import shlex
+    from contextlib import redirect_stdout
+
+    import torchvision
+
+    with open(os.path.join(ROOT, "docs", "guide.md")) as f:
+        text = f.read()
+    block = text.split("## 5. The same as a build script")[1].split("```bash\n")[1].split("```")[0]
+    commands = [line for line in block.splitlines() if line.startswith("fxnorm ")]
+    assert len(commands) >= 3, block
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).eval(), "my_model.pt")
+    image = pytest.importorskip("PIL.Image")
+    os.mkdir("images")
+    for i in range(6):
+        pixels = (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(i)) * 255).to(torch.uint8)
+        image.fromarray(pixels.numpy()).save(f"images/{i}.png")
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        target = None
+        if ">" in argv:
+            target = argv[argv.index(">") + 1]
+            argv = argv[: argv.index(">")]
+        with open(target or os.devnull, "w") as sink, redirect_stdout(sink):
+            status = cli.main(argv)
+        assert status == 0, command
+    with open("norms.json") as f:
+        norms = json.load(f)
+    assert norms["summary"]["total"] == 20 and norms["summary"]["foldable"] == 20
+    deployed = torch.load("deploy.pt", weights_only=False)
+    assert fxnorm.find_norms(deployed) == []

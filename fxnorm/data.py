@@ -1,0 +1,213 @@
+"""Calibration data for ``fxnorm recalibrate``: a folder of images or a ``.pt`` file of tensors.
+
+- A folder: every image below it (``class/xxx.jpg`` subfolders or flat), sorted by path, decoded as
+  RGB, resized so the shorter side is ``image_size * 256 / 224``, center-cropped to ``image_size``,
+  scaled to [0, 1] and normalized with ``mean``/``std`` (ImageNet's by default). Read with
+  ``torchvision.io`` (PIL for formats it does not decode); nothing is downloaded.
+- A ``.pt`` file (read with ``weights_only=True``) holding a tensor, split along its first dimension
+  into batches of ``batch_size``, or a list/tuple of tensors, each one batch as it is.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "calib.pt")
+    >>> torch.save(torch.randn(10, 3, 8, 8), path)
+    >>> data = calibration_data(path, batch_size=4)
+    >>> len(data), [tuple(b.shape) for b in data]
+    (3, [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import DataError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderBatches",
+    "TensorBatches",
+    "find_images",
+    "load_image",
+    "calibration_data",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def find_images(folder: str) -> list[str]:
+    """Every image file below ``folder`` (recursively), sorted; hidden files and folders are skipped.
+
+    Example:
+        >>> import tempfile
+        >>> find_images(tempfile.mkdtemp())
+        []
+    """
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in files
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
+
+
+def _decode(path: str) -> torch.Tensor:
+    """uint8 (3, H, W) RGB."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except Exception:  # a format torchvision.io does not decode (BMP, TIFF...): PIL, which it depends on
+        from PIL import Image
+
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str, image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """One image as a normalized float tensor ``(3, image_size, image_size)`` (ImageNet-style eval crop).
+
+    Raises:
+        DataError: the file cannot be decoded.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from torchvision.io import write_png
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
+        >>> write_png(torch.zeros(3, 40, 60, dtype=torch.uint8), path)
+        >>> tuple(load_image(path, 32).shape)
+        (3, 32, 32)
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        img = _decode(path)
+    except Exception as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+    resize = int(math.floor(image_size * 256 / 224))
+    img = TF.resize(img, [resize], antialias=True)
+    img = TF.center_crop(img, [image_size, image_size])
+    x = img.to(torch.float32) / 255.0
+    return TF.normalize(x, list(mean), list(std))
+
+
+class ImageFolderBatches:
+    """Batches of normalized images from a folder (iterable, with ``len``); decoding is lazy.
+
+    Example:
+        >>> import tempfile
+        >>> batches = ImageFolderBatches([], batch_size=8)
+        >>> len(batches)
+        0
+    """
+
+    def __init__(self, files: Sequence[str], batch_size: int = 32, image_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.files = list(files)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.files), self.batch_size):
+            chunk = self.files[start:start + self.batch_size]
+            yield torch.stack([load_image(f, self.image_size, self.mean, self.std) for f in chunk])
+
+
+class TensorBatches:
+    """Batches from tensors: one tensor split along dim 0, or a list of tensors (each a batch).
+
+    Example:
+        >>> [tuple(b.shape) for b in TensorBatches([torch.zeros(2, 3), torch.zeros(5, 3)])]
+        [(2, 3), (5, 3)]
+    """
+
+    def __init__(self, batches: Sequence[torch.Tensor]) -> None:
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+
+def _check_tensor(t: object, where: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{where} is a {type(t).__name__}, not a tensor")
+    if t.dim() == 0 or t.shape[0] == 0:
+        raise DataError(f"{where} is empty (shape {tuple(t.shape)}): nothing to calibrate with")
+    if not t.is_floating_point():
+        raise DataError(f"{where} has dtype {t.dtype}: calibration inputs must be floating point "
+                        "(normalize images before saving them)")
+    if not bool(torch.isfinite(t).all()):
+        raise DataError(f"{where} contains NaN or Inf")
+    return t
+
+
+def _tensor_batches(path: str, batch_size: int) -> TensorBatches:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if isinstance(obj, torch.Tensor):
+        t = _check_tensor(obj, f"the tensor in {path}")
+        return TensorBatches(list(torch.split(t, batch_size)))
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            raise DataError(f"{path} holds an empty {type(obj).__name__}: nothing to calibrate with")
+        return TensorBatches([_check_tensor(t, f"item {i} of {path}") for i, t in enumerate(obj)])
+    raise DataError(f"{path} holds a {type(obj).__name__}; expected a tensor (N, ...) or a list of batch tensors")
+
+
+def calibration_data(
+    path: str,
+    *,
+    batch_size: int = 32,
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> ImageFolderBatches | TensorBatches:
+    """The calibration batches in ``path`` (a folder of images or a ``.pt`` file), see the module doc.
+
+    Raises:
+        DataError: no such path, no image in the folder, an unreadable file, an empty or non-float
+            tensor, NaN/Inf, bad ``batch_size``/``image_size``/``mean``/``std``.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "batches.pt")
+        >>> torch.save([torch.randn(4, 3), torch.randn(2, 3)], path)
+        >>> [len(b) for b in calibration_data(path)]
+        [4, 2]
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image size must be a positive integer, got {image_size!r}")
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise DataError(f"mean and std need 3 values (or 1 for all channels), got {len(mean)} and {len(std)}")
+    if any(s <= 0 for s in std):
+        raise DataError(f"std values must be positive, got {list(std)}")
+    if os.path.isdir(path):
+        files = find_images(path)
+        if not files:
+            raise DataError(f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                            "in class subfolders too)")
+        return ImageFolderBatches(files, batch_size, image_size, mean, std)
+    if os.path.isfile(path):
+        return _tensor_batches(path, batch_size)
+    raise DataError(f"calibration data {path!r} does not exist: give a folder of images or a .pt file")

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import DEVICES
 
 pytest.importorskip("sklearn", reason="the domain-shift example needs scikit-learn (the 'examples' extra)")
 
@@ -89,16 +90,17 @@ def test_plot_is_a_readable_chart(run_output):
         assert int(((rgb - want).abs().max(dim=1).values < 0.01).sum()) > 50, hexcode
 
 
-def _drifting_batches(sizes, seed=0):
+def _drifting_batches(sizes, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.rand(n, 1, 8, 8, generator=gen) * (1 + i) + 0.5 * i for i, n in enumerate(sizes)]
+    return [(torch.rand(n, 1, 8, 8, generator=gen) * (1 + i) + 0.5 * i).to(device) for i, n in enumerate(sizes)]
 
 
-def test_adapt_pools_exact_statistics_and_keeps_the_model(ds):
+@pytest.mark.parametrize("device", DEVICES)
+def test_adapt_pools_exact_statistics_and_keeps_the_model(ds, device):
     torch.manual_seed(0)
-    model = ds.SmallNet(width=4, dropout=0.5).eval()
+    model = ds.SmallNet(width=4, dropout=0.5).eval().to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = _drifting_batches([7, 5, 2])  # unshuffled drift and a short last batch
+    batches = _drifting_batches([7, 5, 2], device=device)  # unshuffled drift and a short last batch
     fx_model = ds.adapt(model, "fxnorm", batches)
     torch_model = ds.adapt(model, "update_bn", batches)
     for key, value in model.state_dict().items():
@@ -121,6 +123,7 @@ def test_adapt_pools_exact_statistics_and_keeps_the_model(ds):
     for index, outputs in ((1, first), (5, second)):
         mean, var = pooled(outputs)
         got = fx_model.features[index]
+        assert got.running_mean.device.type == device
         assert rel(got.running_mean, mean) < 1e-5
         assert rel(got.running_var, var) < 1e-5
     # update_bn averages per-batch variances (and runs the Dropout): measurably off on this stream

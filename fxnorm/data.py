@@ -2,8 +2,8 @@
 
 - A folder: every image below it (``class/xxx.jpg`` subfolders or flat), sorted by path, decoded as
   RGB, resized so the shorter side is ``image_size * 256 / 224``, center-cropped to ``image_size``,
-  scaled to [0, 1] and normalized with ``mean``/``std`` (ImageNet's by default). Read with
-  ``torchvision.io`` (PIL for formats it does not decode); nothing is downloaded.
+  scaled to [0, 1] and normalized with ``mean``/``std`` (ImageNet's by default). Decoded with PIL
+  (which torchvision depends on); nothing is downloaded.
 - A ``.pt`` file (read with ``weights_only=True``) holding a tensor, split along its first dimension
   into batches of ``batch_size``, or a list/tuple of tensors, each one batch as it is.
 
@@ -59,18 +59,13 @@ def find_images(folder: str) -> list[str]:
 
 
 def _decode(path: str) -> torch.Tensor:
-    """uint8 (3, H, W) RGB."""
-    from torchvision.io import ImageReadMode, decode_image
+    """uint8 (3, H, W) RGB, decoded with PIL (a dependency of torchvision)."""
+    from PIL import Image
 
-    try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except Exception:  # a format torchvision.io does not decode (BMP, TIFF...): PIL, which it depends on
-        from PIL import Image
-
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
 def load_image(path: str, image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
@@ -82,9 +77,9 @@ def load_image(path: str, image_size: int = 224, mean: Sequence[float] = IMAGENE
 
     Example:
         >>> import torch, tempfile, os
-        >>> from torchvision.io import write_png
+        >>> from PIL import Image
         >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
-        >>> write_png(torch.zeros(3, 40, 60, dtype=torch.uint8), path)
+        >>> Image.new("RGB", (60, 40)).save(path)
         >>> tuple(load_image(path, 32).shape)
         (3, 32, 32)
     """

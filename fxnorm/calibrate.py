@@ -1,0 +1,335 @@
+"""Reset and recalibrate the running statistics of normalization layers, as a graph pass.
+
+- :func:`reset`: ``reset_running_stats()`` on the chosen norms (mean 0, var 1, count 0).
+- :func:`prepare`: trace the model (part by part where needed) and put an observer
+  (:class:`fxnorm.observers.NormObserver`) in place of every chosen norm. The prepared model shares
+  parameters and buffers with the user's model but running batches through it changes nothing in
+  it: the norms normalize with batch statistics, every other module runs in eval mode (flags are
+  set for the duration of each forward and put back after it, even when it raises).
+- :func:`convert`: write the pooled statistics into the norms' buffers, all or nothing, and return
+  the user's model (same object, type, ``state_dict`` keys; no hook left anywhere).
+- :func:`recalibrate`: the three in one call, under ``torch.inference_mode``.
+
+The statistics are exact: the mean and the variance of every element each norm received, pooled
+over all batches (a short batch weighs what it holds, the spread between batch means counts),
+merged in float64; ``running_var`` is stored unbiased like PyTorch does; ``num_batches_tracked``
+is set to the number of calls that were pooled. ``momentum``, ``eps`` and modes are never changed.
+See ``docs/recalibration.md``.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+    >>> data = [torch.randn(4, 3, 16, 16) for _ in range(3)]          # a DataLoader works the same
+    >>> model, report = recalibrate(model, data, report=True)
+    >>> len(report.layers), report.num_batches, report.num_samples, model[1].num_batches_tracked.item()
+    (2, 3, 12, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .calib_data import batches_of, default_forward, model_device, to_device
+from .calib_graph import STATE_ATTR, PreparedState, build_prepared, install_forward, state_of
+from .calib_report import CalibrationReport, LayerStats, layer_stats
+from .errors import CalibrationError, DataError, FxNormError
+from .kinds import is_plain
+from .observers import NonFiniteStatistics, NormTarget, Session
+from .select import Select, lazy_uninitialized, select_norms
+
+__all__ = ["reset", "prepare", "convert", "recalibrate", "CalibrationReport", "LayerStats", "Select"]
+
+
+def reset(model: nn.Module, *, select: Select = None, report: bool = False) -> nn.Module | tuple[nn.Module, list[str]]:
+    """Reset the running statistics of the chosen norms with their own ``reset_running_stats()``:
+    ``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0 (in the buffers' dtype and device).
+
+    Args:
+        model: any module; changed in place and returned.
+        select: which norms (see :mod:`fxnorm.select`); all with running statistics by default.
+        report: also return the qualified names of the norms that were reset.
+
+    Raises:
+        CalibrationError: no norm with running statistics, ``select`` matches none or is malformed
+            (nothing is changed).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+        >>> _ = m[0].running_mean.fill_(3.0)
+        >>> m, names = reset(m, select="0", report=True)
+        >>> names, m[0].running_mean.tolist()
+        (['0'], [0.0, 0.0])
+    """
+    chosen = [(name, m) for name, m in select_norms(model, select) if not lazy_uninitialized(m)]
+    with torch.no_grad():
+        for _, module in chosen:
+            module.reset_running_stats()
+    names = [name for name, _ in chosen]
+    return (model, names) if report else model
+
+
+def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
+    """Trace ``model`` and put observers in place of its chosen norms, ready for calibration batches.
+
+    Run batches through the returned module (under ``torch.inference_mode()`` to save memory) and
+    call :func:`convert`. Until then nothing in ``model`` changes: the prepared model shares its
+    parameters and buffers but never writes them; the norms normalize with batch statistics and
+    every other module runs in eval mode (dropout and stochastic depth off) for each forward. Do not
+    move ``model`` (``.to()``) between :func:`prepare` and :func:`convert`.
+
+    Args:
+        model: any module with norms that keep running statistics (BatchNorm*, SyncBatchNorm,
+            InstanceNorm with ``track_running_stats``).
+        select: which norms (see :mod:`fxnorm.select`); the others run in eval mode, untouched.
+
+    Returns:
+        A ``GraphModule`` when ``model`` traces whole, else a copy of the model's own type whose
+        traceable parts are ``GraphModule`` s (see :func:`fxnorm.trace`).
+
+    Raises:
+        CalibrationError: no norm to recalibrate, ``select`` matches none, a lazy norm is not
+            initialized, or none of the chosen norms can be observed.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+        >>> prepared = prepare(model)
+        >>> with torch.inference_mode():
+        ...     _ = prepared(torch.randn(2, 3, 8, 8))
+        >>> convert(prepared) is model, model[1].num_batches_tracked.item()
+        (True, 1)
+    """
+    if isinstance(model, nn.Module) and STATE_ATTR in model.__dict__:
+        raise CalibrationError("this model is already prepared: run the batches through it and call fxnorm.convert")
+    chosen = select_norms(model, select)
+    lazy = [name for name, m in chosen if lazy_uninitialized(m)]
+    if lazy:
+        raise CalibrationError(f"lazy norm(s) {', '.join(lazy)} are not initialized yet: run one forward through the "
+                               "model first (or select other norms)")
+    session = Session()
+    targets = [NormTarget.for_module(name, m) for name, m in chosen]
+    root, observed_ids = build_prepared(model, targets, session)
+    unsupported = {}
+    for t in targets:
+        if id(t) not in observed_ids and t.module is not None and not is_plain(t.module):
+            unsupported[t.name] = (f"{type(t.module).__name__} overrides forward() and runs in code fxnorm could not "
+                                   "trace: its statistics are left as they are")
+    observed = [t for t in targets if id(t) in observed_ids]
+    if not observed:
+        raise CalibrationError(f"none of the chosen norms can be observed ({'; '.join(f'{k}: {v}' for k, v in unsupported.items())}); "
+                               "the model was left unchanged")
+    state = PreparedState(model, session, targets, unsupported)
+    state.modules = list({id(m): m for m in (*root.modules(), *model.modules())}.values())
+    install_forward(root, state)
+    root.__dict__[STATE_ATTR] = state
+    return root
+
+
+def _first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
+    """The NaN/Inf error of the earliest batch, and within it of the first norm reached."""
+    found = [(bad, t.order, t) for t in targets if (bad := t.first_bad()) is not None]
+    if not found:
+        return None
+    batch, _, target = min(found, key=lambda f: (f[0], f[1]))
+    return target.bad_error(batch)
+
+
+def _all_reduce(targets: list[NormTarget]) -> None:
+    for t in targets:
+        t.moments.all_reduce()
+    device = targets[0].moments.device
+    counts = torch.tensor([[t.calls, t.updates, t.skipped] for t in targets], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
+        t.calls, t.updates, t.skipped = calls, updates, skipped
+
+
+def convert(prepared: nn.Module, *, report: bool = False,
+            all_reduce: bool | None = None) -> nn.Module | tuple[nn.Module, CalibrationReport]:
+    """Write the statistics gathered by a :func:`prepare` d model into the norms and return the model.
+
+    All or nothing: every value is computed and checked before the first buffer is written. A norm
+    gets ``running_mean`` = pooled mean, ``running_var`` = pooled unbiased variance (in the buffers'
+    dtype) and ``num_batches_tracked`` = calls pooled; norms never reached are left untouched.
+
+    Args:
+        prepared: what :func:`prepare` returned, after the calibration batches ran through it.
+        report: also return a :class:`CalibrationReport`.
+        all_reduce: pool the statistics of every process of ``torch.distributed`` (every rank must
+            call it). Default: when ``torch.distributed`` is initialized with more than one process.
+
+    Raises:
+        DataError: no batch was run.
+        CalibrationError: a forward raised, NaN/Inf statistics (naming the batch and the norm), new
+            statistics do not fit the buffers' dtype, no norm was reached, or it was converted already.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> bn = nn.BatchNorm1d(1)
+        >>> prepared = prepare(bn)
+        >>> _ = prepared(torch.tensor([[1.0], [3.0]])); _ = prepared(torch.tensor([[5.0], [7.0], [9.0]]))
+        >>> bn, rep = convert(prepared, report=True)   # pooled over 1, 3, 5, 7, 9
+        >>> bn.running_mean.tolist(), bn.running_var.tolist(), rep.layers[0].count
+        ([5.0], [10.0], 5)
+    """
+    state = state_of(prepared)
+    session, targets = state.session, state.targets
+    if state.converted:
+        raise CalibrationError("this prepared model was already converted: call fxnorm.prepare(model) again")
+    if session.failed:
+        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare() are incomplete and were not "
+                               "written; the model is unchanged (call fxnorm.prepare(model) again)")
+    if session.num_batches == 0:
+        raise DataError("no batch was run through the prepared model: nothing to convert; the model is unchanged")
+    with torch.no_grad():
+        failure = _first_failure(targets)
+        if failure is not None:
+            raise failure
+        for t in targets:
+            t.flush()
+        if all_reduce is None:
+            all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if all_reduce:
+            _all_reduce(targets)
+        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t in targets:
+            if t.module is not None and (t.module.running_mean is not t.running_mean
+                                         or t.module.running_var is not t.running_var):
+                raise CalibrationError(f"the buffers of norm '{t.name}' were replaced after prepare() (model.to()?): "
+                                       "nothing was written; prepare again after moving the model")
+            if t.updates == 0 or t.count < 2:
+                continue
+            mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
+            var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
+            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                raise NonFiniteStatistics(
+                    f"norm '{t.name}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
+                    f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
+                    "nothing was written")
+            new[id(t)] = (mean, var)
+        if not new:
+            raise CalibrationError(f"none of the {len(targets)} chosen norms was reached with usable data by the "
+                                   f"{session.num_batches} batch(es) (check the forward and the batch sizes); "
+                                   "the model is unchanged")
+        layers: list[LayerStats] = []
+        for t in sorted(targets, key=lambda t: t.order if t.order >= 0 else 1 << 30):
+            if id(t) not in new:
+                continue
+            mean, var = new[id(t)]
+            eps = float(getattr(t.module, "eps", 1e-5))
+            layers.append(layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, mean, var, eps))
+            t.running_mean.copy_(mean)
+            t.running_var.copy_(var)
+            if t.num_batches_tracked is not None:
+                t.num_batches_tracked.fill_(t.updates)
+    state.converted = True
+    result = CalibrationReport(
+        layers=layers,
+        unreached=[t.name for t in targets if t.calls == 0 and t.name not in state.unsupported],
+        skipped_batches={t.name: t.skipped for t in targets if t.skipped},
+        num_batches=session.num_batches,
+        num_samples=session.num_samples,
+        unusable=[t.name for t in targets if t.calls and id(t) not in new],
+        unsupported=dict(state.unsupported),
+    )
+    return (state.model, result) if report else state.model
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Any,
+    *,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = False,
+    select: Select = None,
+    report: bool = False,
+    all_reduce: bool | None = None,
+) -> nn.Module | tuple[nn.Module, CalibrationReport]:
+    """Recompute the running statistics of ``model``'s norms from ``data``, in place, exactly.
+
+    :func:`prepare`, run every batch under ``torch.inference_mode()``, :func:`convert`. If anything
+    fails (empty data, a batch the model rejects, NaN/Inf, an interrupt) the model is exactly as
+    before: statistics, modes, momentum.
+
+    Args:
+        model: the model; its buffers are updated and the same object is returned.
+        data: an iterable of batches (a DataLoader, a list...), or one tensor/dict taken as a single
+            batch. A batch is a tensor (``model(batch)``), a tuple/list whose first item is the
+            input (``model(batch[0])``, e.g. ``(images, labels)``), or a dict of keyword inputs.
+        num_batches: stop after this many batches (default: all of ``data``).
+        device: move each batch there (default: the device of the model's first parameter/buffer).
+            The model itself is not moved.
+        forward: ``forward(model, batch)`` for anything else (called with the prepared model).
+        progress: show a tqdm progress bar.
+        select: which norms (see :mod:`fxnorm.select`); the others run in eval mode, untouched.
+        report: also return a :class:`CalibrationReport`.
+        all_reduce: see :func:`convert` (default: when running distributed).
+
+    Raises:
+        DataError: no batch, a batch of an unknown kind, the data iterator raised, NaN/Inf input.
+        CalibrationError: the model raised (the cause is chained), nothing to recalibrate, ...
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.BatchNorm1d(3)).train()
+        >>> data = [(torch.randn(8, 4), torch.zeros(8)) for _ in range(4)]   # (input, label) batches
+        >>> model = recalibrate(model, data)
+        >>> model.training, model[2].num_batches_tracked.item()   # mode kept; dropout was off
+        (True, 4)
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise DataError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if forward is not None and not callable(forward):
+        raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
+    target_device = torch.device(device) if device is not None else model_device(model)
+    batches = batches_of(data)
+    prepared = prepare(model, select=select)
+    total = num_batches
+    if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
+        total = len(data)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="recalibrate", unit="batch")
+    index = 0
+    try:
+        iterator = iter(batches)
+        with torch.inference_mode():
+            while num_batches is None or index < num_batches:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                except Exception as err:
+                    raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
+                                    "the model is unchanged") from err
+                batch = to_device(batch, target_device)
+                try:
+                    if forward is None:
+                        default_forward(prepared, batch, index)
+                    else:
+                        forward(prepared, batch)
+                except FxNormError:
+                    raise
+                except Exception as err:
+                    raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
+                                           "the model is unchanged") from err
+                index += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if index == 0:
+        raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
+    return convert(prepared, report=report, all_reduce=all_reduce)

@@ -1,0 +1,318 @@
+"""The observers :func:`fxnorm.prepare` puts in place of normalization layers, and what they gather.
+
+An observer normalizes its input the way the norm does in training mode (with the statistics of
+the batch) and records those statistics; it never touches the norm's own buffers. Everything a
+norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.convert` writes it back.
+
+Batch norms take the fast path: one ``torch.batch_norm`` call in training mode (the same kernel as
+a training-mode forward, cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
+batch variance into a row of a small scratch table instead of the norm's buffers. Every
+:data:`ROWS` batches (and at the end) the table is checked for NaN/Inf and folded into float64
+totals with the exact pooled formula (:class:`fxnorm.stats.ChannelMoments`), so the forward pays
+no per-batch bookkeeping. Half/bfloat16 inputs are normalized with float32 statistics.
+
+Instance norms with running statistics normalize each instance by itself, and their population
+statistics are pooled per channel over every element (:meth:`ChannelMoments.update`).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> bn = nn.BatchNorm2d(3)
+    >>> target = NormTarget.for_module("bn", bn)
+    >>> obs = NormObserver(target, Session(), module=bn)
+    >>> _ = obs(torch.randn(4, 3, 2, 2) * 2 + 1)
+    >>> target.flush(); target.count, bn.running_mean.tolist()   # the norm itself is untouched
+    (16, [0.0, 0.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import CalibrationError, DataError
+from .stats import ChannelMoments
+
+__all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver"]
+
+#: Batches whose statistics wait in a target's scratch table before they are merged in float64.
+ROWS = 32
+_MAX_LISTED = 8
+
+
+class NonFiniteStatistics(CalibrationError, DataError):
+    """NaN/Inf statistics (usually NaN/Inf in a calibration batch): both a calibration and a data error."""
+
+
+@dataclass(eq=False)
+class Session:
+    """State shared by the observers of one prepared model (batch counter, failure)."""
+
+    batch: int = -1  #: index of the forward in flight (or the last one)
+    num_batches: int = 0  #: forwards through the prepared model
+    num_samples: int = 0  #: first-dimension sizes of their inputs, summed
+    failed: str | None = None  #: why the gathered statistics cannot be used (set on a failed forward)
+    next_order: int = 0
+
+    def order(self) -> int:
+        self.next_order += 1
+        return self.next_order - 1
+
+
+def _listed(channels: list[int]) -> str:
+    return ", ".join(map(str, channels[:_MAX_LISTED])) + (", ..." if len(channels) > _MAX_LISTED else "")
+
+
+@dataclass(eq=False)
+class NormTarget:
+    """One norm whose statistics are being recalibrated, and everything gathered for it."""
+
+    name: str  #: qualified name in the user's model
+    kind: str  #: BatchNorm2d, SyncBatchNorm, InstanceNorm2d, batch_norm (functional) ...
+    module: nn.Module | None  #: the user's module owning the buffers (None for bare functional buffers)
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor | None
+    instance: bool = False  #: per-instance normalization (InstanceNorm)
+    order: int = -1  #: when it was first reached (for naming the first failing layer)
+    calls: int = 0  #: calls seen (one per site per forward)
+    updates: int = 0  #: calls whose statistics were used
+    skipped: int = 0  #: calls with one value per channel (normalized with the old statistics, not counted)
+    moments: ChannelMoments = field(init=False)
+    _rows: Tensor | None = field(default=None, init=False, repr=False)
+    _counts: list[int] = field(default_factory=list, init=False, repr=False)
+    _batches: list[int] = field(default_factory=list, init=False, repr=False)
+    _ddof: list[int] = field(default_factory=list, init=False, repr=False)
+    wide: bool = field(default=False, init=False)  #: squares about the mean (a large mean/std ratio was seen)
+
+    def __post_init__(self) -> None:
+        device = self.running_mean.device
+        if device.type == "mps":  # no float64 there
+            device = torch.device("cpu")
+        self.moments = ChannelMoments(int(self.running_mean.numel()), device=device)
+
+    @classmethod
+    def for_module(cls, name: str, module: nn.Module, kind: str | None = None) -> NormTarget:
+        """The target of a norm module with running statistics."""
+        from .kinds import norm_kind
+
+        kind = kind or norm_kind(module) or type(module).__name__
+        nbt = getattr(module, "num_batches_tracked", None)
+        return cls(name, kind, module, module.running_mean, module.running_var,
+                   nbt if isinstance(nbt, Tensor) else None, instance=kind.lower().startswith("instance"))
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.running_mean.numel())
+
+    @property
+    def count(self) -> int:
+        """Elements per channel merged so far (call :meth:`flush` first to include pending rows)."""
+        return self.moments.count
+
+    # -- batch-norm fast path ----------------------------------------------------------------
+    def slot(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Two scratch rows (mean, unbiased var) for the next batch's statistics."""
+        rows = self._rows
+        if rows is None or rows.device != device or rows.dtype != dtype:
+            self.flush()
+            with torch.inference_mode(False):  # a normal tensor: updatable in and out of inference mode
+                rows = self._rows = torch.zeros(2, ROWS, self.num_channels, device=device, dtype=dtype)
+        elif len(self._counts) == ROWS:
+            self.flush()
+        r = len(self._counts)
+        return rows[0, r], rows[1, r]
+
+    def commit(self, n: int, batch: int, unbiased: bool) -> None:
+        """Record that the last :meth:`slot` now holds the mean and variance (unbiased or biased) of
+        ``n`` elements per channel."""
+        self._counts.append(n)
+        self._batches.append(batch)
+        self._ddof.append(1 if unbiased else 0)
+        self.updates += 1
+
+    def first_bad(self) -> int | None:
+        """Batch index of the first pending row with NaN/Inf statistics (None when all are finite)."""
+        k = len(self._counts)
+        if not k or self._rows is None:
+            return None
+        finite = torch.isfinite(self._rows[:, :k]).all(dim=2).all(dim=0)
+        if bool(finite.all()):
+            return None
+        return self._batches[int((~finite).nonzero()[0, 0])]
+
+    def bad_error(self, batch: int) -> NonFiniteStatistics:
+        """The error for NaN/Inf statistics in ``batch`` (names the batch, the layer and channels)."""
+        row = self._batches.index(batch)
+        assert self._rows is not None
+        bad = ~torch.isfinite(self._rows[:, row]).all(dim=0)
+        channels = bad.nonzero().flatten().tolist()
+        return NonFiniteStatistics(
+            f"batch {batch}: the input of norm '{self.name}' has NaN/Inf statistics in channel(s) "
+            f"{_listed(channels)} ({len(channels)} of {self.num_channels}); check the data (and the layers "
+            "before it). No statistics were written"
+        )
+
+    def flush(self) -> None:
+        """Merge the pending scratch rows into the float64 totals (exact pooled formula)."""
+        k = len(self._counts)
+        if not k:
+            return
+        bad = self.first_bad()
+        if bad is not None:
+            raise self.bad_error(bad)
+        rows = self._rows
+        assert rows is not None
+        dev = self.moments.device
+        means = rows[0, :k].to(dev, torch.float64)
+        variances = rows[1, :k].to(dev, torch.float64)
+        n = torch.tensor(self._counts, dtype=torch.float64, device=dev).unsqueeze(1)
+        ddof = torch.tensor(self._ddof, dtype=torch.float64, device=dev).unsqueeze(1)
+        total = sum(self._counts)
+        mean = (n * means).sum(0) / total
+        m2 = ((n - ddof) * variances).sum(0) + (n * (means - mean).square()).sum(0)
+        self.discard()
+        self.moments.merge(total, mean, m2)
+
+    def discard(self) -> None:
+        """Drop pending rows (after a failed forward)."""
+        self._counts.clear()
+        self._batches.clear()
+        self._ddof.clear()
+
+    # -- instance-norm path -----------------------------------------------------------------
+    def update_instances(self, x: Tensor, batch: int) -> None:
+        """Pool every element of ``x`` (N, C, ...) per channel."""
+        try:
+            self.moments.update(x)
+        except CalibrationError as err:
+            kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
+            raise kind(f"batch {batch}: norm '{self.name}': {err}") from None
+        self.updates += 1
+
+
+def _float_params(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+_CANCEL = 3.0  # take squares about the mean once mean^2 > _CANCEL * var in some channel
+
+
+def _sum_squares(planes: Tensor, acc: torch.dtype) -> Tensor:
+    """Per-channel sum of squares of ``planes`` (N, C, L): per-plane norms in ``acc``, summed in float64."""
+    return torch.linalg.vector_norm(planes, 2, -1, dtype=acc).square().sum(0, dtype=torch.float64)
+
+
+def _centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype) -> Tensor:
+    """Per-channel biased variance of ``planes`` from squares about ``mean`` rounded to ``acc``."""
+    shift = mean.to(acc)
+    delta = mean - shift.double()
+    squares = _sum_squares(planes - shift.view(1, -1, 1), acc)
+    return (squares / n - delta.square()).clamp_min_(0)
+
+
+_FUNCTIONAL_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+class NormObserver(nn.Module):
+    """Stands in for a norm during calibration: normalizes with batch statistics and records them.
+
+    ``module`` is the norm it replaces (its weight, bias and eps are read at every call), or None for
+    a functional ``batch_norm``/``instance_norm`` call site, whose arguments it receives unchanged.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).train()
+        >>> obs = NormObserver(NormTarget.for_module("bn", bn), Session(), module=bn)
+        >>> x = torch.randn(8, 2)
+        >>> torch.allclose(obs(x), bn(x), atol=1e-6)     # the same output as training mode
+        True
+    """
+
+    def __init__(self, target: NormTarget, session: Session, module: nn.Module | None = None) -> None:
+        super().__init__()
+        # not registered as submodules: the prepared model must not own (or move, or save) them twice
+        self.__dict__["target"] = target
+        self.__dict__["session"] = session
+        self.__dict__["norm"] = module
+
+    def extra_repr(self) -> str:
+        return f"{self.target.name!r} ({self.target.kind})"
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        target, session = self.target, self.session
+        if target.calls == 0:
+            target.order = session.order()
+        target.calls += 1
+        norm = self.norm
+        if norm is not None:
+            weight, bias, eps = norm.weight, norm.bias, norm.eps
+            mean, var = target.running_mean, target.running_var
+        else:
+            values = dict(zip(_FUNCTIONAL_ORDER, args))
+            values.update(kwargs)
+            weight, bias, eps = values.get("weight"), values.get("bias"), float(values.get("eps", 1e-5))
+            mean, var = values.get("running_mean", target.running_mean), values.get("running_var", target.running_var)
+        if target.instance:
+            return self._instance(input, weight, bias, eps, mean, var)
+        channels = target.num_channels
+        n = input.numel() // channels if input.dim() >= 2 else 0
+        if n <= 1:  # one value per channel: training mode cannot normalize it (PyTorch raises)
+            target.skipped += 1
+            return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
+        dtype = _float_params(input.dtype)
+        weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+        planes = input.device.type == "cpu" and input.is_contiguous()
+        if planes:
+            out = self._planes(input, weight, bias, eps, n, dtype)
+        else:
+            row_mean, row_var = target.slot(input.device, dtype)
+            out = torch.batch_norm(input, weight, bias, row_mean, row_var, True, 1.0, eps,
+                                   torch.backends.cudnn.enabled)
+        target.commit(n, session.batch, unbiased=not planes)
+        return out
+
+    def _planes(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n: int,
+                acc: torch.dtype) -> Tensor:
+        """CPU, contiguous: per-(sample, channel) sums and sums of squares (fast contiguous reductions)
+        pooled in float64, then one eval-mode normalization pass: cheaper than the CPU training kernel.
+        Uncentred float32 squares cancel: their variance error is about 1e-7 * (1 + mean^2 / var). Once a
+        channel's mean exceeds sqrt(3) standard deviations, the norm's squares are taken about the batch
+        mean instead (one more pass), which keeps the error near 1e-7."""
+        target = self.target
+        planes = input.detach().view(input.shape[0], target.num_channels, -1)  # statistics need no autograd
+        mean = planes.sum(-1, dtype=acc).sum(0, dtype=torch.float64) / n
+        if target.wide:
+            var = _centred_variance(planes, mean, n, acc)
+        else:
+            sq = mean.square()
+            var = _sum_squares(planes, acc) / n - sq
+            if bool((sq > var * _CANCEL).any()):
+                target.wide = True
+                var = _centred_variance(planes, mean, n, acc)
+        row_mean, row_var = target.slot(input.device, torch.float64)
+        row_mean.copy_(mean)
+        row_var.copy_(var)
+        return torch.batch_norm(input, weight, bias, mean.to(acc), var.to(acc), False, 0.0, eps, False)
+
+    def _instance(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                  mean: Tensor, var: Tensor) -> Tensor:
+        target = self.target
+        norm = self.norm
+        unbatched = norm is not None and hasattr(norm, "_get_no_batch_dim") and input.dim() == norm._get_no_batch_dim()
+        x = input.unsqueeze(0) if unbatched else input
+        if x.dim() < 3 or math.prod(x.shape[2:]) <= 1:  # one value per instance and channel
+            target.skipped += 1
+            out = F.instance_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        else:
+            target.update_instances(x, self.session.batch)
+            out = F.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
+        return out.squeeze(0) if unbatched else out

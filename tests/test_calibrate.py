@@ -1,0 +1,790 @@
+"""Tests for fxnorm.calibrate on toy models: statistics against hand-computed float64 references,
+reset semantics, batch formats, the pitfalls of update_bn, and transactional failures."""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import json
+import math
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from devices import DEVICES
+from torch.optim.swa_utils import update_bn
+
+from fxnorm import calib_data, calib_graph, calib_report, calibrate, observers, select
+from fxnorm.calibrate import convert, prepare, recalibrate, reset
+from fxnorm.errors import CalibrationError, DataError
+from fxnorm.observers import NormObserver
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics, affine parameters and counters: nothing starts right by chance."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
+                    m.num_batches_tracked.fill_(17)
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+def pooled(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Float64 mean, unbiased variance and per-channel count of every element of ``inputs`` (N, C, ...)."""
+    flat = torch.cat([x.double().transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], dim=1)
+    return flat.mean(1), flat.var(1), flat.shape[1]
+
+
+def assert_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, tol: float = 1e-6) -> None:
+    """|mean error| / std and |var error| / var below ``tol`` in every channel."""
+    got_mean, got_var = norm.running_mean.double().cpu(), norm.running_var.double().cpu()
+    mean_err = ((got_mean - mean.cpu()).abs() / var.cpu().sqrt()).max().item()
+    var_err = ((got_var - var.cpu()).abs() / var.cpu()).max().item()
+    assert mean_err <= tol and var_err <= tol, (mean_err, var_err)
+
+
+def batch_norm_train(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Training-mode batch norm by hand, in float64 (biased batch variance, like PyTorch)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, correction=0, keepdim=True)
+    y = (x - mean) / (var + bn.eps).sqrt()
+    return y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
+
+
+def capture(prepared: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Record the input of every observer of a prepared model, by norm name."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    for m in prepared.modules():
+        if isinstance(m, NormObserver):
+            seen.setdefault(m.target.name, [])
+            m.register_forward_pre_hook(lambda mod, args: seen[mod.target.name].append(args[0].detach().clone()))
+    return seen
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "momentum": [getattr(m, "momentum", None) for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+        "forward": ["forward" in m.__dict__ for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    now = snapshot(model)
+    assert now["state"].keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), k
+        assert now["state"][k].dtype == v.dtype
+    for key in ("training", "momentum", "hooks", "forward"):
+        assert now[key] == snap[key], key
+    assert calib_graph.STATE_ATTR not in model.__dict__
+
+
+def drifting(sizes: tuple[int, ...], shape: tuple[int, ...], step: float = 0.5, seed: int = 0) -> list[torch.Tensor]:
+    """Unshuffled batches whose mean drifts by ``step`` per batch, of the given batch sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((n, *shape), generator=gen) * (1 + 0.2 * i) + step * i for i, n in enumerate(sizes)]
+
+
+SIZES = (8, 8, 8, 3)  # the last batch is short
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_two_norms_against_hand_computed_float64_reference():
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.BatchNorm2d(5))).eval()
+    batches = drifting(SIZES, (3, 6, 6))
+    conv, bn1, bn2 = model[0], model[1], model[3]
+    with torch.no_grad():
+        first = [F.conv2d(x.double(), conv.weight.double(), conv.bias.double()) for x in batches]
+        second = [batch_norm_train(y, bn1).relu() for y in first]  # bn1 normalizes with each batch's statistics
+    model = recalibrate(model, batches)
+    for bn, inputs in ((bn1, first), (bn2, second)):
+        mean, var, count = pooled(inputs)
+        assert_stats(bn, mean, var)
+        assert bn.num_batches_tracked.item() == len(batches)
+    assert count == sum(SIZES) * 16
+
+
+def test_unbiased_running_var_by_hand():
+    bn = nn.BatchNorm1d(1)
+    recalibrate(bn, [torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [7.0], [9.0]])])
+    # values 1, 3, 5, 7, 9: mean 5, squared deviations 16 + 4 + 0 + 4 + 16 = 40, unbiased 40 / 4
+    assert bn.running_mean.item() == pytest.approx(5.0, rel=1e-7)
+    assert bn.running_var.item() == pytest.approx(10.0, rel=1e-7)
+    assert bn.num_batches_tracked.item() == 2
+
+
+def test_update_bn_is_off_on_an_unshuffled_loader_and_we_are_exact():
+    """update_bn averages per-batch variances with equal weight: it loses the spread of the batch
+    means and overweights the short last batch (pitfall 2)."""
+    model = randomize(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))).eval()
+    batches = drifting(SIZES, (6,))
+    with torch.no_grad():
+        inputs = [model[0](x) for x in batches]
+    mean, var, _ = pooled(inputs)
+    theirs = copy.deepcopy(model)
+    update_bn(batches, theirs)
+    their_err = ((theirs[1].running_var.double() - var).abs() / var).max().item()
+    assert their_err > 0.05
+    recalibrate(model, batches)
+    assert_stats(model[1], mean, var)
+
+
+@pytest.mark.parametrize("where", ["dropout", "stochastic_depth"])
+def test_dropout_and_stochastic_depth_are_off(where):
+    """update_bn calls model.train(): dropout and stochastic depth run while it gathers (pitfall 1)."""
+    torch.manual_seed(0)
+    drop = nn.Dropout(0.5) if where == "dropout" else torchvision.ops.StochasticDepth(0.5, "row")
+    model = randomize(nn.Sequential(nn.Linear(6, 4), drop, nn.BatchNorm1d(4))).train()
+    batches = drifting(SIZES, (6,))
+    with torch.no_grad():
+        mean, var, _ = pooled([model[0](x) for x in batches])
+    theirs = copy.deepcopy(model)
+    update_bn(batches, theirs)
+    assert ((theirs[2].running_var.double() - var).abs() / var).max().item() > 0.1
+    model = recalibrate(model, batches)
+    assert_stats(model[2], mean, var)
+    assert all(m.training for m in model.modules())  # the original modes are back
+
+
+class Net1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+@pytest.mark.parametrize("case", ["bn1d_2d", "bn1d_3d", "bn2d", "bn3d", "channels_last", "float64"])
+def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
+    torch.manual_seed(0)
+    if case == "bn1d_2d":
+        model, shape = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), (5,)
+    elif case == "bn1d_3d":
+        model, shape = nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), (3, 9)
+    elif case == "bn3d":
+        model, shape = nn.Sequential(nn.Conv3d(3, 6, 3), nn.BatchNorm3d(6)), (3, 4, 5, 5)
+    else:
+        model, shape = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6)), (3, 7, 7)
+    model = randomize(model).eval()
+    batches = drifting(SIZES, shape)
+    if case == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    if case == "float64":
+        model, batches = model.double(), [b.double() for b in batches]
+    prepared = prepare(model)
+    seen = capture(prepared)
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b)
+    convert(prepared)
+    for name, inputs in seen.items():
+        mean, var, _ = pooled(inputs)
+        assert_stats(model.get_submodule(name), mean, var, tol=1e-12 if case == "float64" else 1e-6)
+        assert model.get_submodule(name).running_var.dtype == batches[0].dtype
+
+
+def test_large_offset_has_no_cancellation():
+    """Inputs whose mean is 1e3 standard deviations away from 0: squares about the mean are needed."""
+    bn = nn.BatchNorm2d(3)
+    batches = [torch.randn(4, 3, 8, 8) * 0.01 + 10.0 + i for i in range(4)]
+    recalibrate(bn, batches)
+    mean, var, _ = pooled(batches)
+    assert_stats(bn, mean, var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_keeps_its_dtype(dtype):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+    model = model.to(dtype)
+    batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
+    prepared = prepare(model)
+    seen = capture(prepared)
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b)
+    convert(prepared)
+    for name, inputs in seen.items():
+        bn = model.get_submodule(name)
+        mean, var, _ = pooled(inputs)  # the half inputs themselves, in float64
+        assert bn.running_mean.dtype == bn.running_var.dtype == dtype
+        torch.testing.assert_close(bn.running_mean, mean.to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(bn.running_var, var.to(dtype), rtol=0, atol=0)
+
+
+def test_instance_norm_with_running_stats_normalizes_per_instance_and_pools_per_channel():
+    model = randomize(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.BatchNorm2d(4))).eval()
+    batches = drifting(SIZES, (3, 6, 6))
+    inorm, bn = model[1], model[2]
+    with torch.no_grad():
+        first = [model[0](x).double() for x in batches]
+        second = [F.instance_norm(y, weight=inorm.weight.double(), bias=inorm.bias.double(), eps=inorm.eps)
+                  for y in first]
+    recalibrate(model, batches)
+    for norm, inputs in ((inorm, first), (bn, second)):
+        mean, var, _ = pooled(inputs)
+        assert_stats(norm, mean, var)
+
+
+def test_sync_batch_norm_on_one_process():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))).eval()
+    batches = drifting(SIZES, (3, 6, 6))
+    with torch.no_grad():
+        mean, var, _ = pooled([model[0](x) for x in batches])
+    recalibrate(model, batches)
+    assert_stats(model[1], mean, var)
+
+
+class BNReLU(nn.BatchNorm2d):
+    """A BN subclass whose forward adds an activation: traced through to a functional batch_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).relu()
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: stays eager, its norm children are swapped in the shallow copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), BNReLU(4))
+        self.never = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if y.sum() < -1e9:  # never true
+            y = self.never(y)
+        return self.block(y)
+
+
+def test_untraced_glue_traced_through_subclass_and_unreached_norm():
+    model = randomize(Branchy()).eval()
+    batches = drifting(SIZES, (3, 6, 6))
+    with torch.no_grad():
+        first = [F.conv2d(x.double(), model.conv.weight.double(), model.conv.bias.double()) for x in batches]
+        second = [F.conv2d(batch_norm_train(y, model.bn), model.block[0].weight.double(),
+                           model.block[0].bias.double()) for y in first]
+    never = copy.deepcopy(model.never.state_dict())
+    model, report = recalibrate(model, batches, report=True)
+    for norm, inputs in ((model.bn, first), (model.block[1], second)):
+        mean, var, _ = pooled(inputs)
+        assert_stats(norm, mean, var)
+        assert norm.num_batches_tracked.item() == len(batches)
+    assert report.unreached == ["never"]
+    assert all(torch.equal(v, never[k]) for k, v in model.never.state_dict().items())
+    assert [s.name for s in report.layers] == ["bn", "block.1"]
+    assert type(model) is Branchy and type(model.block[1]) is BNReLU
+
+
+class Untraceable(nn.BatchNorm2d):
+    """A BN subclass with data-dependent control flow: fxnorm cannot observe it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.sum() > -1e9 else x
+
+
+def test_unobservable_subclass_is_reported_and_left_alone():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Untraceable(4))).eval()
+    before = copy.deepcopy(model[2].state_dict())
+    model, report = recalibrate(model, drifting(SIZES, (3, 6, 6)), report=True)
+    assert list(report.unsupported) == ["2"] and "overrides forward()" in report.unsupported["2"]
+    assert all(torch.equal(v, before[k]) for k, v in model[2].state_dict().items())
+    assert [s.name for s in report.layers] == ["1"]
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.bn(x)))
+
+
+def test_norm_called_twice_pools_both_calls():
+    model = randomize(Twice()).eval()
+    batches = drifting(SIZES, (3, 5, 5))
+    bn = model.bn
+    with torch.no_grad():
+        second = [F.conv2d(batch_norm_train(x.double(), bn), model.conv.weight.double(), model.conv.bias.double())
+                  for x in batches]
+    model, report = recalibrate(model, batches, report=True)
+    mean, var, count = pooled([x.double() for x in batches] + second)
+    assert_stats(bn, mean, var)
+    assert bn.num_batches_tracked.item() == 2 * len(batches)
+    assert report.layers[0].count == count and report.layers[0].batches == 2 * len(batches)
+
+
+def test_one_value_per_channel_is_skipped_counted_and_reported():
+    """Training-mode BN raises on a batch of one (N, C) sample (pitfall 5): skip it for that layer."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 4),
+                                    nn.BatchNorm1d(4))).eval()
+    batches = drifting((6, 5, 1), (3, 4, 4))
+    with torch.no_grad():
+        conv = [model[0](x).double() for x in batches]
+        fc = [F.linear(batch_norm_train(y, model[1]).flatten(1), model[3].weight.double(), model[3].bias.double())
+              for y in conv]
+    model, report = recalibrate(model, batches, report=True)
+    assert_stats(model[1], *pooled(conv)[:2])  # 2x2 values per channel: the batch of one counts
+    assert_stats(model[4], *pooled(fc[:2])[:2])  # one value per channel: skipped
+    assert report.skipped_batches == {"4": 1}
+    assert model[4].num_batches_tracked.item() == 2 and model[1].num_batches_tracked.item() == 3
+
+
+def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4))).train()
+    batches = drifting(SIZES, (3, 6, 6))
+    first = copy.deepcopy(model[1].state_dict())
+    with torch.no_grad():  # the unselected first norm normalizes with its own running statistics
+        second = [torch.tanh(F.batch_norm(model[0](x), model[1].running_mean, model[1].running_var, model[1].weight,
+                                      model[1].bias, False, 0.0, model[1].eps)) for x in batches]
+    model, report = recalibrate(model, batches, select="3", report=True)
+    assert all(torch.equal(v, first[k]) for k, v in model[1].state_dict().items())
+    assert_stats(model[3], *pooled(second)[:2])
+    assert [s.name for s in report.layers] == ["3"] and model.training
+
+
+def test_num_batches_limits_the_data():
+    bn = nn.BatchNorm1d(3)
+    batches = drifting((4, 4, 4, 4), (3,))
+    recalibrate(bn, iter(batches), num_batches=2)
+    assert_stats(bn, *pooled(batches[:2])[:2])
+    assert bn.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("fmt", ["tensor", "tuple", "list", "dict", "forward", "single_tensor"])
+def test_batch_formats(fmt):
+    model = randomize(Net1d()).eval()
+    batches = drifting(SIZES, (5,))
+    labels = torch.zeros(8)
+    forward = None
+    if fmt == "tuple":
+        data = [(x, labels) for x in batches]
+    elif fmt == "list":
+        data = [[x, labels] for x in batches]
+    elif fmt == "dict":
+        data = [{"x": x} for x in batches]
+    elif fmt == "forward":
+        data = [{"inputs": x, "labels": labels} for x in batches]
+        forward = lambda m, b: m(b["inputs"])  # noqa: E731
+    elif fmt == "single_tensor":
+        data = batches = torch.cat(batches)
+        batches = [batches]
+    else:
+        data = batches
+    with torch.no_grad():
+        mean, var, _ = pooled([model.fc(x) for x in batches])
+    model, report = recalibrate(model, data, forward=forward, report=True)
+    assert_stats(model.bn, mean, var)
+    assert report.num_batches == len(batches) and report.num_samples == sum(b.shape[0] for b in batches)
+
+
+def test_progress_bar_counts_batches(capsys):
+    recalibrate(nn.BatchNorm1d(2), [torch.randn(4, 2) for _ in range(3)], progress=True)
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_runs_under_inference_mode_without_autograd_state():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    modes = []
+    model[0].register_forward_hook(lambda m, a, out: modes.append((torch.is_inference_mode_enabled(), out.grad_fn)))
+    recalibrate(model, [torch.randn(4, 4) for _ in range(2)])
+    assert modes == [(True, None), (True, None)]
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare / convert
+
+
+def test_prepare_changes_nothing_until_convert():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.BatchNorm2d(4)))
+    model.train()
+    snap = snapshot(model)
+    prepared = prepare(model)
+    assert isinstance(prepared, fx.GraphModule) and prepared is not model
+    with torch.inference_mode():
+        for b in drifting(SIZES, (3, 6, 6)):
+            prepared(b)
+    assert_unchanged(model, snap)
+    keys = list(model.state_dict())
+    out = convert(prepared)
+    assert out is model and list(model.state_dict()) == keys and type(model) is nn.Sequential
+    assert [m.training for m in model.modules()] == snap["training"]
+    assert not torch.equal(model[1].running_var, snap["state"]["1.running_var"])
+    with pytest.raises(CalibrationError, match="already converted"):
+        convert(prepared)
+    with pytest.raises(CalibrationError, match="already converted"):
+        prepared(torch.randn(2, 3, 6, 6))
+
+
+def test_user_graph_module_is_not_rewritten():
+    gm = fx.symbolic_trace(randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
+    code = gm.code
+    batches = drifting(SIZES, (3, 6, 6))
+    with torch.no_grad():
+        mean, var, _ = pooled([gm.get_submodule("0")(x) for x in batches])
+    assert recalibrate(gm, batches) is gm
+    assert gm.code == code
+    assert_stats(gm.get_submodule("1"), mean, var)
+
+
+def test_convert_refuses_what_it_cannot_use():
+    with pytest.raises(CalibrationError, match="not made by fxnorm.prepare"):
+        convert(nn.BatchNorm1d(2))
+    bn = nn.BatchNorm1d(2)
+    prepared = prepare(bn)
+    with pytest.raises(CalibrationError, match="already prepared"):
+        prepare(prepared)
+    with pytest.raises(DataError, match="no batch"):
+        convert(prepared)
+
+
+def test_moved_model_between_prepare_and_convert_is_refused():
+    bn = nn.BatchNorm1d(2)
+    prepared = prepare(bn)
+    prepared(torch.randn(4, 2))
+    bn.to(torch.float64)  # replaces the buffers
+    before = copy.deepcopy(bn.state_dict())
+    with pytest.raises(CalibrationError, match="replaced after prepare"):
+        convert(prepared)
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# reset
+
+
+def test_reset_matches_reset_running_stats_and_select_forms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.InstanceNorm2d(4, track_running_stats=True),
+                          nn.LayerNorm(4), nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm2d(4)))
+    cases = [
+        (None, ["1", "2", "4.0", "4.1"]),
+        ("4.*", ["4.0", "4.1"]),
+        (["1", "4.1"], ["1", "4.1"]),
+        (nn.BatchNorm2d, ["1", "4.1"]),
+        ((nn.BatchNorm1d, nn.InstanceNorm2d), ["2", "4.0"]),
+        (lambda name, m: name.endswith("0"), ["4.0"]),
+    ]
+    for sel, expected in cases:
+        randomize(model)
+        ref = copy.deepcopy(model)
+        for name in expected:
+            ref.get_submodule(name).reset_running_stats()
+        with torch.no_grad():
+            out, names = reset(model, select=sel, report=True)
+        assert out is model and names == expected
+        for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), (sel, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_reset_keeps_dtype_under_inference_mode(dtype):
+    model = randomize(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))).to(dtype)
+    with torch.inference_mode():
+        reset(model)
+    bn = model[1]
+    assert bn.running_mean.dtype == dtype and torch.equal(bn.running_mean, torch.zeros(3, dtype=dtype))
+    assert torch.equal(bn.running_var, torch.ones(3, dtype=dtype)) and bn.num_batches_tracked.item() == 0
+
+
+def test_reset_leaves_frozen_and_lazy_norms_alone():
+    frozen = torchvision.ops.FrozenBatchNorm2d(3)
+    randomize(frozen)
+    model = randomize(nn.Sequential(nn.BatchNorm2d(3), frozen)).append(nn.LazyBatchNorm2d())
+    before = frozen.running_mean.clone()
+    _, names = reset(model, report=True)
+    assert names == ["0"] and torch.equal(frozen.running_mean, before)
+
+
+@pytest.mark.parametrize("fn", ["reset", "recalibrate"])
+@pytest.mark.parametrize("bad", ["no_norms", "layer_norm_only", "select_matches_nothing", "select_malformed"])
+def test_bad_model_or_select_changes_nothing(fn, bad):
+    model = randomize(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    sel = None
+    if bad == "no_norms":
+        model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    elif bad == "layer_norm_only":
+        model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    elif bad == "select_matches_nothing":
+        sel = "layer9.*"
+    else:
+        sel = 3.5
+    snap = snapshot(model)
+    with pytest.raises(CalibrationError) as info:
+        if fn == "reset":
+            reset(model, select=sel)
+        else:
+            recalibrate(model, [torch.randn(4, 3)], select=sel)
+    message = str(info.value)
+    expected = {"no_norms": "no normalization layer", "layer_norm_only": "LayerNorm",
+                "select_matches_nothing": "matches none", "select_malformed": "not understood"}[bad]
+    assert expected in message
+    assert_unchanged(model, snap)
+
+
+def test_lazy_norm_must_be_initialized_before_prepare():
+    with pytest.raises(CalibrationError, match="not initialized"):
+        prepare(nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d()))
+
+
+# ---------------------------------------------------------------------------------------------
+# failures leave the model exactly as it was
+
+
+class Flaky(nn.Module):
+    """Raises on its ``fail_at``-th call (untraceable, so the model is traced part by part)."""
+
+    def __init__(self, fail_at: int, error: type[BaseException] = RuntimeError) -> None:
+        super().__init__()
+        self.calls, self.fail_at, self.error = 0, fail_at, error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if x.dim() and self.calls == self.fail_at:
+            raise self.error("boom")
+        return x
+
+
+def failing_model() -> nn.Module:
+    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2), Flaky(0),
+                                   nn.BatchNorm2d(4))).train()
+
+
+def bad_batches(kind: str) -> list[torch.Tensor]:
+    batches = drifting(SIZES, (3, 6, 6))
+    batches[1] = batches[1].clone()
+    batches[1][0, 0, 0, 0] = float("nan") if kind == "nan" else float("inf")
+    return batches
+
+
+def test_model_raising_mid_way():
+    model = failing_model()
+    model[3].fail_at = 3
+    snap = snapshot(model)
+    with pytest.raises(CalibrationError, match="batch 2: the model raised RuntimeError: boom") as info:
+        recalibrate(model, drifting(SIZES, (3, 6, 6)))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    model[3].calls = 0
+    assert_unchanged(model, snap)
+
+
+def test_interrupt_mid_way_restores_modes():
+    model = failing_model()
+    model[3].fail_at, model[3].error = 2, KeyboardInterrupt
+    snap = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(model, drifting(SIZES, (3, 6, 6)))
+    model[3].calls = 0
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_non_finite_batch_names_batch_and_layer(kind):
+    model = failing_model()
+    snap = snapshot(model)
+    with pytest.raises(DataError, match=r"batch 1: the input of norm '1' has NaN/Inf statistics in channel\(s\) 0, 1, 2, 3 \(4 of 4\)"):
+        recalibrate(model, bad_batches(kind))
+    assert_unchanged(model, snap)
+
+
+def test_non_finite_batch_in_prepare_convert_flow_is_a_calibration_error_too():
+    model = failing_model()
+    snap = snapshot(model)
+    prepared = prepare(model)
+    for b in bad_batches("nan"):
+        prepared(b)
+    with pytest.raises(CalibrationError, match="batch 1: .* norm '1'"):
+        convert(prepared)
+    assert_unchanged(model, snap)
+
+
+def test_statistics_that_overflow_the_buffer_dtype():
+    """Half inputs up to ~4000 are finite, but their variance (~1e6) is not a float16."""
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(2)).half()
+    batches = [(torch.randn(8, 2) * 1000).half() for _ in range(2)]
+    snap = snapshot(model)
+    with pytest.raises(CalibrationError, match="norm '1': the recalibrated statistics do not fit in torch.float16"):
+        recalibrate(model, batches)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("kind", ["empty", "iterator_raises", "not_iterable", "bad_batch", "bad_num_batches"])
+def test_bad_data(kind):
+    model = failing_model()
+    snap = snapshot(model)
+    kwargs = {}
+    if kind == "empty":
+        data, match = [], "yielded no batch"
+    elif kind == "iterator_raises":
+        def gen():
+            yield torch.randn(4, 3, 6, 6)
+            raise OSError("disk gone")
+        data, match = gen(), "reading calibration batch 1 failed: OSError: disk gone"
+    elif kind == "not_iterable":
+        data, match = 42, "must be an iterable"
+    elif kind == "bad_batch":
+        data, match = [torch.randn(4, 3, 6, 6), "oops"], "batch 1 is a str"
+    else:
+        data, match, kwargs = [torch.randn(4, 3, 6, 6)], "num_batches must be a positive int", {"num_batches": 0}
+    with pytest.raises(DataError, match=match):
+        recalibrate(model, data, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_failed_forward_in_prepare_flow_blocks_convert():
+    model = failing_model()
+    model[3].fail_at = 2
+    snap = snapshot(model)
+    prepared = prepare(model)
+    prepared(torch.randn(4, 3, 6, 6))
+    with pytest.raises(RuntimeError, match="boom"):
+        prepared(torch.randn(4, 3, 6, 6))
+    prepared(torch.randn(4, 3, 6, 6))
+    with pytest.raises(CalibrationError, match="forward of batch 1 raised"):
+        convert(prepared)
+    model[3].calls = 0
+    assert_unchanged(model, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def test_report_figures_by_hand():
+    bn = nn.BatchNorm1d(2)  # mean 0, var 1
+    bn, report = recalibrate(bn, [torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[5.0, 4.0], [7.0, 4.0]])],
+                             report=True)
+    (layer,) = report.layers
+    # new mean (4, 2), unbiased var (20/3, 16/3); old mean 0, var 1
+    assert layer.mean_shift == pytest.approx(4.0 / math.sqrt(1 + bn.eps))
+    assert layer.var_ratio == pytest.approx(math.log((20 / 3 + bn.eps) / (1 + bn.eps)))
+    assert (layer.count, layer.batches, layer.kind) == (4, 2, "BatchNorm1d")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["layers"][0]["name"] == "" and data["num_samples"] == 4 and report.moved_most(1) == [layer]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
+    """Two ranks (threads) with unequal shards; sums and counts are all-reduced (pitfall 6)."""
+    world = 2
+    barrier, lock, pending = threading.Barrier(world), threading.Lock(), []
+
+    def all_reduce(tensor, group=None):
+        with lock:
+            pending.append(tensor)
+        barrier.wait()
+        total = sum(t.clone() for t in pending)
+        barrier.wait()
+        tensor.copy_(total)
+        barrier.wait()
+        with lock:
+            pending.clear()
+        barrier.wait()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))).eval()
+    batches = drifting((8, 8, 8, 3, 5), (5,))
+    shards = [batches[:2], batches[2:]]
+    models = [copy.deepcopy(base) for _ in range(world)]
+    errors = []
+
+    def rank(i):
+        try:
+            recalibrate(models[i], shards[i])
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    monkeypatch.undo()
+    single = recalibrate(copy.deepcopy(base), batches)
+    with torch.no_grad():
+        mean, var, _ = pooled([base[0](x) for x in batches])
+    for m in models:
+        assert_stats(m[1], mean, var)
+        assert m[1].num_batches_tracked.item() == len(batches)
+        for (k, v), v2 in zip(m.state_dict().items(), single.state_dict().values()):
+            torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-7, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_are_moved_to_the_model_device(device):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)))
+    model = model.eval().to(device)
+    batches = drifting(SIZES, (3, 6, 6))  # on the CPU
+    prepared = prepare(model)
+    seen = capture(prepared)
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b.to(device))
+    expected = {name: pooled(xs)[:2] for name, xs in seen.items()}
+    model = recalibrate(model, batches)
+    for name, (mean, var) in expected.items():
+        assert model.get_submodule(name).running_mean.device.type == device
+        assert_stats(model.get_submodule(name), mean, var)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_model_with_device_argument_and_half(dtype):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval().cuda().to(dtype)
+    batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
+    with torch.no_grad():
+        mean, var, _ = pooled([model[0](b.cuda()) for b in batches])
+    recalibrate(model, batches, device="cuda")
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert_stats(model[1], mean, var, tol=tol)
+    assert model[1].running_var.dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [calibrate, calib_report, calib_data, calib_graph, observers, select])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -24,6 +24,16 @@ from fxnorm.calibrate import convert, prepare, recalibrate, reset
 from fxnorm.errors import CalibrationError, DataError
 from fxnorm.observers import NormObserver
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small inputs: one intra-op thread is faster, and on a loaded machine two threads spin-wait
+    on each other (observed: 100x slower forwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 

@@ -7,6 +7,7 @@ One command re-runs every benchmark (minutes on a CPU) and rewrites the page::
     python examples/benchmarks/make_docs.py                  # only re-render from the stored JSON
     python examples/benchmarks/make_docs.py --check          # exit 1 if docs/benchmarks.md is stale (used by the tests)
     python examples/benchmarks/make_docs.py --api            # also regenerate docs/api.md
+    python examples/benchmarks/make_docs.py --add coverage /tmp/coverage.json   # store a JSON a script wrote
 
 The JSON lives in ``examples/benchmarks/results/`` (committed, so the page can be re-rendered and
 checked without re-running anything). Plots need matplotlib (the ``bench`` extra).
@@ -102,14 +103,41 @@ def run_benchmarks(names: Sequence[str], extra: dict[str, list[str]] | None = No
         if done.returncode != 0:
             raise SystemExit(f"{name}: {argv[1]} exited with status {done.returncode}")
         took[name] = time.perf_counter() - start
+    _record_machine(took)
+    return took
+
+
+def _record_machine(took: dict[str, float | None]) -> None:
+    """Note this machine, today's date and how long each benchmark took in ``results/machine.json``."""
     meta_path = os.path.join(RESULTS, META)
     meta = _read(meta_path) or {}
     meta.update(machine=_machine(), date=datetime.date.today().isoformat())
-    meta.setdefault("seconds", {}).update({k: round(v, 1) for k, v in took.items()})
+    meta.setdefault("seconds", {}).update({k: (round(v, 1) if v is not None else None) for k, v in took.items()})
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-    return took
+
+
+def add_result(name: str, path: str) -> str:
+    """Store the JSON a benchmark script wrote (run by hand, e.g. with other options) as the result of
+    ``name``; returns where it went.
+
+    Example:
+        >>> add_result("coverage", "/tmp/coverage.json")     # doctest: +SKIP
+        '.../examples/benchmarks/results/coverage.json'
+    """
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    data = _read(path)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: not a JSON object written by a benchmark script")
+    os.makedirs(RESULTS, exist_ok=True)
+    target = os.path.join(RESULTS, BENCHMARKS[name][0])
+    with open(target, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    _record_machine({name: None})
+    return target
 
 
 def _read(path: str) -> Any:
@@ -204,7 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is not up to date")
     parser.add_argument("--api", action="store_true", help="also regenerate docs/api.md")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--add", nargs=2, metavar=("NAME", "JSON"), action="append", default=[],
+                        help=f"store a JSON written by a benchmark script as NAME ({', '.join(BENCHMARKS)})")
     args = parser.parse_args(argv)
+    for name, path in args.add:
+        print(f"stored {os.path.relpath(add_result(name, path), ROOT)}")
     if args.run is not None:
         names = [n for group in (args.run or list(GROUPS)) for n in GROUPS[group]]
         run_benchmarks(names)

@@ -233,8 +233,9 @@ def _export(folded: nn.Module, original: nn.Module, args: tuple, kwargs: dict | 
             raise TraceError(f"torch.export.export accepts {type(original).__name__} but not its folded version "
                              f"({_first_line(err)}): an fxnorm bug, please report it; meanwhile export the "
                              "unfolded model") from err
+        hint = "; TorchDynamo could not trace it (strict=True): try strict=False" if strict else ""
         raise TraceError(f"torch.export.export failed on the folded {type(folded).__name__} ({_first_line(err)}); "
-                         "check that torch.export accepts the unfolded model") from err
+                         f"check that torch.export accepts the unfolded model{hint}") from err
 
 
 def _args(example_inputs: Any) -> tuple:
@@ -372,6 +373,7 @@ def export_for_quantization(
     calibration_data: Any = None,
     num_batches: int | None = None,
     dynamic_shapes: Any = None,
+    strict: bool = True,
     **fold_options: Any,
 ) -> fx.GraphModule:
     """The normalization-side preparation for PT2E quantization, on a copy of ``model``: eval mode,
@@ -386,7 +388,14 @@ def export_for_quantization(
         calibration_data: batches for :func:`fxnorm.calibrate.recalibrate` (a DataLoader, a list...).
         num_batches: use that many batches of ``calibration_data``.
         dynamic_shapes: passed to ``torch.export.export``.
-        fold_options: passed to :func:`fxnorm.fold` (``norm_affine=True`` for rotation/smoothing recipes).
+        strict: ``torch.export.export(..., strict=True)`` (TorchDynamo): it records the
+            ``source_fn_stack`` that PT2E quantizers match patterns with. With ``strict=False`` (torch's
+            default) they fall back to grouping nodes by module path, and torchao's
+            X86InductorQuantizer then fails on a module called twice (resnet's shared ``relu``:
+            "Input partition has more than one output node"). Pass ``False`` for a model that
+            TorchDynamo cannot trace.
+        fold_options: passed to :func:`fxnorm.fold` (``norm_affine=True`` for rotation/smoothing recipes;
+            ``fold_strict=True`` for fold's ``strict``).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -411,4 +420,4 @@ def export_for_quantization(
         fold_options["strict"] = fold_options.pop("fold_strict")
     fold_options = {"example_inputs": args, **fold_options, "inplace": True}
     folded = fold(work, **fold_options)
-    return _export(folded, folded, args, None, dynamic_shapes, False).module()
+    return _export(folded, folded, args, None, dynamic_shapes, strict).module()

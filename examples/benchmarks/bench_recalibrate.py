@@ -5,14 +5,17 @@ eval forward over the same batches vs. ``torch.optim.swa_utils.update_bn`` (and 
 Throughput is images per second over the whole call (tracing, hooks and the write-back included
 for fxnorm). The statistics error of each method is measured against float64 statistics computed
 directly from the inputs every norm receives (captured with the norms in training mode and every
-other module in eval mode) on an unshuffled loader: the batches drift (batch ``i`` is offset by
-``0.1 * i``) and the last batch is short.
+other module in eval mode), and fxnorm's also against the inputs its own observers received, on an
+unshuffled loader: the batches drift (batch ``i`` is offset by
+``0.1 * i``) and the last batch is short. Peak memory is the peak of the tensor memory allocated
+during each call (the PyTorch profiler's allocation records on a CPU, the allocator's peak on a GPU).
 
 Usage::
 
     python examples/benchmarks/bench_recalibrate.py                 # resnet18 and resnet50, CPU
     python examples/benchmarks/bench_recalibrate.py --models resnet18 --size 96 --batches 6 --rounds 5
     python examples/benchmarks/bench_recalibrate.py --device cuda
+    python examples/benchmarks/bench_recalibrate.py --json examples/benchmarks/results/recalibrate.json
 
 Ratios are medians over ``--rounds`` rounds; in each round every method runs once, in a rotating
 order, so that machine noise hits them alike.
@@ -22,17 +25,31 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torchvision
+from tabulate import tabulate
 from torch.optim.swa_utils import update_bn
 
 import fxnorm.calibrate as calibrate
 from fxnorm.select import stat_norms
+
+
+COLUMNS = """columns: img_s = images per second (wall clock); throughput_vs_eval = the method's throughput over a
+plain eval forward's on the same batches; cpu_time_vs_eval = the same with process CPU time (robust on a busy
+machine); fxnorm_speedup / fxnorm_cpu_speedup = fxnorm's throughput over the method's; mean_err_over_std,
+var_rel_err = worst channel of any norm against float64 statistics of the inputs each norm receives in a
+reference forward (norms in training mode, every other module in eval mode; deep random networks amplify
+float32 rounding between two forwards by ~1e-6); own_inputs_var_rel_err = fxnorm against the inputs its
+own observers received (the estimator's error alone);
+peak_mb = peak tensor memory allocated during the call (CPU: PyTorch profiler's allocation records; CUDA:
+allocator peak)"""
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -79,6 +96,23 @@ def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tenso
     return mean_err, var_err
 
 
+def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """fxnorm's error against float64 statistics of the inputs its own observers received."""
+    from fxnorm.observers import NormObserver
+
+    prepared = calibrate.prepare(model)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for m in prepared.modules():
+        if isinstance(m, NormObserver):
+            m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(
+                args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1).cpu()))
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b)
+    calibrate.convert(prepared)
+    return stats_error(model, {n: (torch.cat(xs, 1).mean(1), torch.cat(xs, 1).var(1)) for n, xs in seen.items()})
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -116,20 +150,42 @@ def methods(batches: list[torch.Tensor]) -> dict[str, Callable[[nn.Module], None
     return found
 
 
-def run(name: str, args: argparse.Namespace) -> None:
+def peak_memory_mb(f: Callable[[nn.Module], None], model: nn.Module, device: str) -> float:
+    """Peak of the tensor memory allocated while ``f(model)`` runs, above what was allocated before:
+    the CUDA allocator's peak on a GPU; on a CPU, the running sum of the allocations and frees the
+    PyTorch profiler records (``profile_memory=True``), in time order."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        f(model)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        f(model)
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     base = randomize_norms(getattr(torchvision.models, name)(weights=None).eval()).to(args.device)
     batches = make_batches(args.batches, args.batch_size, args.size, args.device)
     images = sum(b.shape[0] for b in batches)
     ref = reference(base, batches)
     todo = methods(batches)
+    keys = list(todo)
     times: dict[str, list[float]] = {k: [] for k in todo}
     cpu: dict[str, list[float]] = {k: [] for k in todo}
     errors: dict[str, tuple[float, float]] = {}
     models = {k: copy.deepcopy(base) for k in todo}
-    for f in todo.values():  # warm-up (allocator, mkldnn primitives)
-        f(copy.deepcopy(base))
-    keys = list(todo)
+    memory = {k: peak_memory_mb(f, copy.deepcopy(base), args.device) for k, f in todo.items()}  # also a warm-up
     for r in range(args.rounds):
         for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             model = models[k]
@@ -142,21 +198,25 @@ def run(name: str, args: argparse.Namespace) -> None:
             if k != "eval forward":
                 errors[k] = stats_error(model, ref)
                 models[k] = copy.deepcopy(base)
-    print(f"\n{name}: {len(batches)} batches of {args.batch_size}x3x{args.size}x{args.size} (last {batches[-1].shape[0]}), "
-          f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     wall = {k: statistics.median(v) for k, v in times.items()}
     work = {k: statistics.median(v) for k, v in cpu.items()}
     ev, fx = "eval forward", "fxnorm.recalibrate"
-    print(f"{'method':24} {'img/s':>8} {'vs eval':>8} {'fxnorm/it':>10} {'cpu vs eval':>12} {'fxnorm/it':>10}"
-          f" {'mean err/std':>13} {'var rel err':>12}")
+    own = estimator_error(copy.deepcopy(base), batches)
+    rows = []
     for k in keys:
-        mean_err, var_err = errors.get(k, (float("nan"), float("nan")))
-        print(f"{k:24} {images / wall[k]:8.1f} {wall[ev] / wall[k]:8.3f} {wall[k] / wall[fx]:10.3f} "
-              f"{work[ev] / work[k]:12.3f} {work[k] / work[fx]:10.3f} {mean_err:13.2e} {var_err:12.2e}")
-    print("img/s and 'vs eval' (throughput relative to the eval forward): wall clock; 'fxnorm/it': fxnorm's "
-          "throughput relative to the method's; 'cpu' columns: the same with process CPU time (robust on a busy machine)")
-    if "fvcore update_bn_stats" not in todo:
-        print("(fvcore is not installed: its precise-BN estimator is not compared)")
+        mean_err, var_err = errors.get(k, (None, None))
+        rows.append({
+            "model": name, "method": k, "img_s": round(images / wall[k], 2),
+            "throughput_vs_eval": round(wall[ev] / wall[k], 3), "cpu_time_vs_eval": round(work[ev] / work[k], 3),
+            "fxnorm_speedup": round(wall[k] / wall[fx], 3), "fxnorm_cpu_speedup": round(work[k] / work[fx], 3),
+            "mean_err_over_std": mean_err, "var_rel_err": var_err,
+            "own_inputs_var_rel_err": own[1] if k == fx else None,
+            "peak_mb": round(memory[k], 1),
+        })
+    print(f"\n{name}: {len(batches)} batches of {args.batch_size}x3x{args.size}x{args.size} (last {batches[-1].shape[0]}), "
+          f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(tabulate([{k: v for k, v in r.items() if k != "model"} for r in rows], headers="keys", floatfmt=".3g"))
+    return rows
 
 
 def main() -> None:
@@ -168,11 +228,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in args.models:
-        run(name, args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU available")
+    rows = [row for name in args.models for row in run(name, args)]
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "batches": args.batches, "batch_size": args.batch_size, "size": args.size, "rounds": args.rounds,
+            "fvcore": any(r["method"].startswith("fvcore") for r in rows)}
+    print(COLUMNS)
+    print(meta)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

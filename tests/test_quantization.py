@@ -142,3 +142,33 @@ def test_prepare_fx_accepts_the_folded_graph_module(example) -> None:
     with torch.no_grad():
         result = example.agreement(folded(held_out), quantized(held_out))
     assert result["sqnr_db"] >= MIN_SQNR_DB and result["min_cosine"] >= MIN_COSINE, result
+
+
+def test_the_quantization_page_examples_run(tmp_path, monkeypatch) -> None:
+    """Every ```python block with ``>>>`` prompts in docs/quantization.md, in order, in one namespace
+    (they need both extras: onnx and torchao)."""
+    import doctest
+    import re
+
+    for module in ("onnx", "onnxruntime", "onnxscript", "torchao"):
+        pytest.importorskip(module, reason="docs/quantization.md uses the onnx and quant extras")
+    monkeypatch.chdir(tmp_path)  # the page writes resnet18.onnx
+    path = os.path.join(ROOT, "docs", "quantization.md")
+    with open(path) as f:
+        text = f.read()
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    namespace: dict = {}
+    out: list[str] = []
+    blocks = [m for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.M | re.S) if ">>>" in m.group(1)]
+    assert len(blocks) >= 6
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for match in blocks:
+            line = text.count("\n", 0, match.start(1))
+            test = parser.get_doctest(match.group(1), namespace, "quantization.md", path, line)
+            test.globs = namespace
+            runner.run(test, out=out.append, clear_globs=False)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0 and result.attempted >= 40, "".join(out)

@@ -184,7 +184,8 @@ def norms_with_affine(program: Any) -> dict[str, list[str]]:
 
 def skipped_batch_norms(folded: nn.Module) -> list[SkippedNorm]:
     """The batch norms :func:`fxnorm.fold` left in ``folded`` (skipped, with the reason): each one is
-    still a batch-norm op once exported (``FrozenBatchNorm2d`` excepted: it runs as a mul and an add).
+    still a batch-norm op once exported, except a ``FrozenBatchNorm2d`` (listed too; it runs as a mul
+    and an add, not as a batch-norm op).
 
     Example:
         >>> import torch, torch.nn as nn

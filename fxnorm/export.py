@@ -342,6 +342,9 @@ def export_onnx(
         >>> [n.op_type for n in proto.graph.node]                                 # doctest: +SKIP
         ['Conv']
     """
+    if dynamic_shapes is not None and not dynamo:
+        raise FxNormError("dynamic_shapes is for the dynamo exporter: pass dynamo=True (the TorchScript "
+                          "exporter, dynamo=False, exports fixed shapes here)")
     onnx = _require("onnx", "onnx")
     if dynamo:
         _require("onnxscript", "onnx")

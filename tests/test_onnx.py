@@ -102,6 +102,12 @@ def test_file_and_dynamic_batch(tmp_path, dynamo: bool) -> None:
         assert zoo.rel_err(out, model(*y)) < TOL
 
 
+def test_dynamic_shapes_need_the_dynamo_exporter() -> None:
+    with pytest.raises(FxNormError, match="pass dynamo=True"):
+        export_onnx(_mixed(), (torch.randn(2, 3, 8, 8),), dynamo=False,
+                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
 def test_missing_extra_is_named(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'fxnorm\[onnx\]'") as info:

@@ -156,7 +156,6 @@ def _add_into(fresh: Any, other: Any) -> Any:
     return fresh + other
 
 
-
 class _Rewriter:
     """Puts observers in place of the chosen norms of a traced model (graph parts and eager glue)."""
 
@@ -255,7 +254,6 @@ def _own_root(model: nn.Module, traced: nn.Module) -> nn.Module:
         new._modules = dict(model._modules)  # type: ignore[assignment]
         return new
     return traced
-
 
 
 def build_prepared(model: nn.Module, targets: list[NormTarget], session: Session) -> tuple[nn.Module, set[int]]:

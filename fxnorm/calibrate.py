@@ -201,7 +201,7 @@ def convert(prepared: nn.Module, *, report: bool = False,
         for t in targets:
             if t.module is not None and (t.module.running_mean is not t.running_mean
                                          or t.module.running_var is not t.running_var):
-                raise CalibrationError(f"the buffers of norm '{t.name}' were replaced after prepare() (model.to()?): "
+                raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare() (model.to()?): "
                                        "nothing was written; prepare again after moving the model")
             if t.updates == 0 or t.count < 2:
                 continue
@@ -209,7 +209,7 @@ def convert(prepared: nn.Module, *, report: bool = False,
             var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
             if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
                 raise NonFiniteStatistics(
-                    f"norm '{t.name}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
+                    f"norm '{t.label}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
                     f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
                     "nothing was written")
             new[id(t)] = (mean, var)

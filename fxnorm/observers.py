@@ -4,12 +4,16 @@ An observer normalizes its input the way the norm does in training mode (with th
 the batch) and records those statistics; it never touches the norm's own buffers. Everything a
 norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.convert` writes it back.
 
-Batch norms take the fast path: one ``torch.batch_norm`` call in training mode (the same kernel as
-a training-mode forward, cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
-batch variance into a row of a small scratch table instead of the norm's buffers. Every
-:data:`ROWS` batches (and at the end) the table is checked for NaN/Inf and folded into float64
-totals with the exact pooled formula (:class:`fxnorm.stats.ChannelMoments`), so the forward pays
-no per-batch bookkeeping. Half/bfloat16 inputs are normalized with float32 statistics.
+Batch norms on a CPU with contiguous input reduce each batch to per-(sample, channel) sums and sums
+of squares (two fast contiguous reductions; squares about the batch mean once a channel's mean is
+large against its spread, see :meth:`NormObserver._planes`), pool them in float64 and normalize with
+one eval-mode ``torch.batch_norm`` pass. Elsewhere (CUDA, channels-last...) one ``torch.batch_norm``
+call in training mode (cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
+batch variance into a row of a small scratch table instead of the norm's buffers. Either way the
+per-batch statistics wait in that table; every :data:`ROWS` batches (and at the end) it is checked
+for NaN/Inf and folded into float64 totals with the exact pooled formula
+(:class:`fxnorm.stats.ChannelMoments`), so the forward pays no per-batch synchronization.
+Half/bfloat16 inputs are normalized with float32 statistics.
 
 Instance norms with running statistics normalize each instance by itself, and their population
 statistics are pooled per channel over every element (:meth:`ChannelMoments.update`).
@@ -41,7 +45,7 @@ from .stats import ChannelMoments
 __all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver"]
 
 #: Batches whose statistics wait in a target's scratch table before they are merged in float64.
-ROWS = 32
+ROWS = 8
 _MAX_LISTED = 8
 
 
@@ -107,6 +111,11 @@ class NormTarget:
                    nbt if isinstance(nbt, Tensor) else None, instance=kind.lower().startswith("instance"))
 
     @property
+    def label(self) -> str:
+        """The name for messages (the root module has the empty name)."""
+        return self.name or f"<{type(self.module).__name__ if self.module is not None else 'model'}>"
+
+    @property
     def num_channels(self) -> int:
         return int(self.running_mean.numel())
 
@@ -153,7 +162,7 @@ class NormTarget:
         bad = ~torch.isfinite(self._rows[:, row]).all(dim=0)
         channels = bad.nonzero().flatten().tolist()
         return NonFiniteStatistics(
-            f"batch {batch}: the input of norm '{self.name}' has NaN/Inf statistics in channel(s) "
+            f"batch {batch}: the input of norm '{self.label}' has NaN/Inf statistics in channel(s) "
             f"{_listed(channels)} ({len(channels)} of {self.num_channels}); check the data (and the layers "
             "before it). No statistics were written"
         )
@@ -192,7 +201,7 @@ class NormTarget:
             self.moments.update(x)
         except CalibrationError as err:
             kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
-            raise kind(f"batch {batch}: norm '{self.name}': {err}") from None
+            raise kind(f"batch {batch}: norm '{self.label}': {err}") from None
         self.updates += 1
 
 
@@ -205,6 +214,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 _CANCEL = 3.0  # take squares about the mean once mean^2 > _CANCEL * var in some channel
+_CHUNK = 1 << 18  # elements per centred chunk
 
 
 def _sum_squares(planes: Tensor, acc: torch.dtype) -> Tensor:
@@ -213,10 +223,15 @@ def _sum_squares(planes: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def _centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype) -> Tensor:
-    """Per-channel biased variance of ``planes`` from squares about ``mean`` rounded to ``acc``."""
+    """Per-channel biased variance of ``planes`` from squares about ``mean`` rounded to ``acc``.
+
+    The centred copy is made a few samples at a time (about :data:`_CHUNK` elements), so it stays
+    in cache and the peak memory stays near an eval forward's."""
     shift = mean.to(acc)
     delta = mean - shift.double()
-    squares = _sum_squares(planes - shift.view(1, -1, 1), acc)
+    step = max(1, _CHUNK // max(1, planes[0].numel()))
+    view = shift.view(1, -1, 1)
+    squares = sum(_sum_squares(chunk - view, acc) for chunk in planes.split(step))
     return (squares / n - delta.square()).clamp_min_(0)
 
 

@@ -219,6 +219,26 @@ def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
         assert model.get_submodule(name).running_var.dtype == batches[0].dtype
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_batches_than_the_scratch_table_holds(layout):
+    """Statistics wait in a table of ROWS batches and are merged when it is full: cross it twice."""
+    count = 2 * observers.ROWS + 3
+    sizes = tuple(3 + i % 4 for i in range(count))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    batches = [b.contiguous(memory_format=fmt) for b in drifting(sizes, (3, 4, 4), step=0.2)]
+    bn = nn.BatchNorm2d(3)
+    recalibrate(bn, batches)
+    assert_stats(bn, *pooled(batches)[:2])
+    assert bn.num_batches_tracked.item() == count
+    bad = [b.clone() for b in batches]
+    bad[count - 4][0, 1, 0, 0] = float("nan")
+    snap = snapshot(bn)
+    with pytest.raises(DataError, match=rf"batch {count - 4}: the input of norm '<BatchNorm2d>' has NaN/Inf statistics in "
+                                        r"channel\(s\) 1 \(1 of 3\)"):
+        recalibrate(bn, bad)
+    assert_unchanged(bn, snap)
+
+
 def test_large_offset_has_no_cancellation():
     """Inputs whose mean is 1e3 standard deviations away from 0: squares about the mean are needed."""
     bn = nn.BatchNorm2d(3)
@@ -710,7 +730,7 @@ def test_report_figures_by_hand():
 def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
     """Two ranks (threads) with unequal shards; sums and counts are all-reduced (pitfall 6)."""
     world = 2
-    barrier, lock, pending = threading.Barrier(world), threading.Lock(), []
+    barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), []
 
     def all_reduce(tensor, group=None):
         with lock:
@@ -731,13 +751,18 @@ def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
     batches = drifting((8, 8, 8, 3, 5), (5,))
     shards = [batches[:2], batches[2:]]
     models = [copy.deepcopy(base) for _ in range(world)]
+    prepared = [prepare(m) for m in models]  # tracing patches globals: not from two threads at once
     errors = []
 
     def rank(i):
         try:
-            recalibrate(models[i], shards[i])
+            with torch.inference_mode():
+                for b in shards[i]:
+                    prepared[i](b)
+            convert(prepared[i])
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
+            barrier.abort()
 
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
     for t in threads:
@@ -754,6 +779,20 @@ def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
         assert m[1].num_batches_tracked.item() == len(batches)
         for (k, v), v2 in zip(m.state_dict().items(), single.state_dict().values()):
             torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_all_reduce_through_a_real_gloo_group_of_one(tmp_path):
+    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
+    batches = drifting(SIZES, (5,))
+    expected = recalibrate(copy.deepcopy(base), batches)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        got = recalibrate(copy.deepcopy(base), batches, all_reduce=True)
+    finally:
+        dist.destroy_process_group()
+    for (k, v), v2 in zip(got.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(v, v2, rtol=1e-12, atol=0, msg=k)
 
 
 # ---------------------------------------------------------------------------------------------

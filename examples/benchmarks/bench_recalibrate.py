@@ -153,7 +153,8 @@ def methods(batches: list[torch.Tensor]) -> dict[str, Callable[[nn.Module], None
 def peak_memory_mb(f: Callable[[nn.Module], None], model: nn.Module, device: str) -> float:
     """Peak of the tensor memory allocated while ``f(model)`` runs, above what was allocated before:
     the CUDA allocator's peak on a GPU; on a CPU, the running sum of the allocations and frees the
-    PyTorch profiler records (``profile_memory=True``), in time order."""
+    PyTorch profiler records (``profile_memory=True``) in time order (approximate: an op's
+    allocations count at its start)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -165,10 +166,13 @@ def peak_memory_mb(f: Callable[[nn.Module], None], model: nn.Module, device: str
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         f(model)
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # allocations are recorded on the op that made them (its self memory), frees outside ops as
+    # "[memory]" events: their running sum in time order is the allocated tensor memory
+    steps = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                   for e in prof.events())
     current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
+    for _, delta in steps:
+        current += delta
         peak = max(peak, current)
     return peak / 2**20
 

@@ -318,29 +318,20 @@ def _inspect(args: argparse.Namespace, console: _Console) -> int:
 # -------------------------------------------------------------------------------------------- fold
 
 #: Extra outputs of ``fxnorm fold``: flag -> (writer(folded, inputs, path), help). Writers raise
-#: FxNormError on failure. ``--export`` writes a ``torch.export`` program, ``--onnx`` an ONNX file.
+#: FxNormError on failure; they come from :mod:`fxnorm.export`.
 _EXPORTERS: dict[str, tuple[Callable[[nn.Module, tuple, str], None], str]] = {}
 
 
 def _export_program(model: nn.Module, inputs: tuple, path: str) -> None:
-    try:
-        program = torch.export.export(model, inputs)
-        torch.export.save(program, path)
-    except Exception as err:
-        raise FxNormError(f"torch.export of the folded model failed: {type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    from .export import export_folded
+
+    torch.export.save(export_folded(model, inputs), path)  # a folded model is exported as it is
 
 
 def _export_onnx(model: nn.Module, inputs: tuple, path: str) -> None:
-    try:
-        import onnx  # noqa: F401  (the onnx extra)
-    except ImportError:
-        raise FxNormError("--onnx needs the onnx extra: pip install 'fxnorm[onnx]'") from None
-    try:
-        torch.onnx.export(model, inputs, path, dynamo=True)
-    except Exception as err:
-        raise FxNormError(f"ONNX export of the folded model failed: {type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    from .export import export_onnx
+
+    export_onnx(model, inputs, path)
 
 
 _EXPORTERS["export"] = (_export_program, "also save a torch.export program of the folded model (.pt2)")

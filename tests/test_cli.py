@@ -402,3 +402,170 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
                          cwd=tmp_path, env=_env(), timeout=300)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "fxnorm: error: torchvision has no model named 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------- calibration data
+
+
+def _write_images(folder: Path) -> list[tuple[Path, tuple[int, int, int]]]:
+    """Constant-colour images in class subfolders and at the top, PNG and BMP, of different sizes."""
+    from PIL import Image
+
+    images = []
+    specs = [("cats/a.png", (10, 200, 30), (40, 60)), ("cats/b.png", (255, 0, 128), (30, 30)),
+             ("dogs/c.bmp", (0, 0, 0), (50, 40)), ("top.png", (128, 128, 128), (36, 36)),
+             ("dogs/d.jpeg.txt", (1, 1, 1), (8, 8))]
+    for rel, colour, (h, w) in specs:
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = "BMP" if rel.endswith(".bmp") else "PNG"
+        Image.new("RGB", (w, h), colour).save(path, format=fmt)
+        if not rel.endswith(".txt"):
+            images.append((path, colour))
+    (folder / ".hidden.png").write_bytes(b"")  # hidden files are skipped
+    return sorted(images)
+
+
+def test_image_folder_batches(tmp_path: Path) -> None:
+    from fxnorm.data import IMAGENET_MEAN, IMAGENET_STD, calibration_data, find_images
+
+    images = _write_images(tmp_path)
+    assert find_images(str(tmp_path)) == [str(p) for p, _ in images]
+    data = calibration_data(str(tmp_path), batch_size=3, image_size=8)
+    batches = list(data)
+    assert len(data) == 2 and [tuple(b.shape) for b in batches] == [(3, 3, 8, 8), (1, 3, 8, 8)]
+    stacked = torch.cat(batches)
+    for i, (_, colour) in enumerate(images):
+        expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)])
+        torch.testing.assert_close(stacked[i], expected.view(3, 1, 1).expand(3, 8, 8), rtol=0, atol=1e-5)
+    custom = next(iter(calibration_data(str(tmp_path), batch_size=1, image_size=4, mean=[0.5], std=[0.5])))
+    assert tuple(custom.shape) == (1, 3, 4, 4)
+    colour = images[0][1]  # one mean/std value for every channel
+    for ch in range(3):
+        assert torch.allclose(custom[0, ch], torch.full((4, 4), 2 * colour[ch] / 255 - 1), atol=1e-5)
+
+
+def test_tensor_files(tmp_path: Path) -> None:
+    from fxnorm.data import calibration_data
+
+    t = torch.randn(10, 3, 4, 4)
+    torch.save(t, tmp_path / "t.pt")
+    batches = list(calibration_data(str(tmp_path / "t.pt"), batch_size=4))
+    assert [len(b) for b in batches] == [4, 4, 2] and torch.equal(torch.cat(batches), t)
+    torch.save([t[:3], t[3:]], tmp_path / "l.pt")
+    batches = list(calibration_data(str(tmp_path / "l.pt"), batch_size=1))  # a list: each item one batch
+    assert [len(b) for b in batches] == [3, 7]
+
+
+@pytest.mark.parametrize(
+    "content,kwargs,needle",
+    [
+        (torch.tensor([[1.0, float("nan")]]), {}, "contains NaN or Inf"),
+        (torch.zeros(4, 3, dtype=torch.uint8), {}, "must be floating point"),
+        ([], {}, "empty list"),
+        ({"x": torch.zeros(2)}, {}, "holds a dict"),
+        (torch.zeros(0, 3), {}, "is empty"),
+        (torch.zeros(2, 3), {"batch_size": 0}, "batch size must be a positive integer"),
+        (torch.zeros(2, 3), {"mean": [0.5, 0.5], "std": [0.5]}, "mean and std need 3 values"),
+        (torch.zeros(2, 3), {"std": [0.2, 0.0, 0.2]}, "std values must be positive"),
+    ],
+)
+def test_bad_tensor_files(tmp_path: Path, content: object, kwargs: dict, needle: str) -> None:
+    from fxnorm.data import calibration_data
+    from fxnorm.errors import DataError
+
+    path = tmp_path / "bad.pt"
+    torch.save(content, path)
+    with pytest.raises(DataError, match=needle):
+        calibration_data(str(path), **kwargs)
+
+
+def test_bad_folders(tmp_path: Path) -> None:
+    from fxnorm.data import calibration_data
+    from fxnorm.errors import DataError
+
+    with pytest.raises(DataError, match="no images found"):
+        calibration_data(str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        calibration_data(str(tmp_path / "nope"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        list(calibration_data(str(tmp_path)))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(DataError, match="cannot read .*junk.pt"):
+        calibration_data(str(tmp_path / "junk.pt"))
+
+
+# ---------------------------------------------------------------------------- recalibrate and reset
+
+
+def test_recalibrate_image_folder(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    from fxnorm.data import calibration_data
+
+    images = tmp_path / "images"
+    _write_images(images)
+    out_path = tmp_path / "recal.pt"
+    code, out, err = run(capsys, "recalibrate", f"{factories}:net", "--data", str(images), "-o", str(out_path),
+                         "--batch-size", "3", "--image-size", "6", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["output"] == str(out_path)
+    calib = report["calibration"]
+    assert calib["num_batches"] == 2 and calib["num_samples"] == 4
+    assert {layer["name"] for layer in calib["layers"]} == {"1", "3", "9"}
+    model = torch.load(out_path, weights_only=False)
+    # the first BN sees the conv output: its new statistics are that output's exact mean and variance
+    original = _net(factories)
+    x = torch.cat(list(calibration_data(str(images), batch_size=3, image_size=6)))
+    with torch.no_grad():
+        y = original[0](x).transpose(0, 1).reshape(8, -1).double()
+    torch.testing.assert_close(model[1].running_mean.double(), y.mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var.double(), y.var(1, unbiased=True), rtol=1e-4, atol=1e-5)
+    assert int(model[1].num_batches_tracked) == 2
+    assert not model.training and original[1].momentum == model[1].momentum
+
+
+def test_recalibrate_tensor_file_table_and_select(capsys: pytest.CaptureFixture, factories: str,
+                                                  tmp_path: Path) -> None:
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(12, 3, 6, 6), data)
+    out_path = tmp_path / "recal.pt"
+    code, out, _ = run(capsys, "recalibrate", f"{factories}:net", "--data", str(data), "-o", str(out_path),
+                       "--batch-size", "4", "--num-batches", "2", "--select", "1", "--select", "9", "-q")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "recalibrated 2 norm(s) on 2 batch(es), 8 sample(s)"
+    assert lines[1].startswith("statistics that moved most")
+    assert lines[2].split() == ["norm", "kind", "batches", "mean", "shift", "var", "change"]
+    assert {line.split()[0] for line in lines[4:6]} == {"1", "9"}
+    assert lines[-1] == f"saved {out_path}"
+    model, original = torch.load(out_path, weights_only=False), _net(factories)
+    assert torch.equal(model[3].running_mean, original[3].running_mean)  # not selected: untouched
+    assert not torch.equal(model[1].running_mean, original[1].running_mean)
+
+
+def test_recalibrate_failures(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(4, 5, 6, 6), data)  # 5 channels: the model takes 3
+    out_path = tmp_path / "recal.pt"
+    code, out, err = run(capsys, "recalibrate", f"{factories}:net", "--data", str(data), "-o", str(out_path))
+    assert code == 1 and out == "" and not out_path.exists()
+    assert "fxnorm: error: batch 0: the model raised RuntimeError" in err and "Traceback" not in err
+    code, _, err = run(capsys, "recalibrate", f"{factories}:net", "--data", str(data), "-o", str(out_path),
+                       "--select", "nothing*")
+    assert code == 1 and "nothing*" in err
+
+
+def test_reset(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    out_path = tmp_path / "reset.pt"
+    code, out, _ = run(capsys, "reset", f"{factories}:net", "-o", str(out_path), "--select", "[13]", "--format", "json")
+    assert code == 0
+    assert json.loads(out) == {"model": f"{factories}:net", "output": str(out_path), "reset": ["1", "3"]}
+    model, original = torch.load(out_path, weights_only=False), _net(factories)
+    for i in (1, 3):
+        assert torch.equal(model[i].running_mean, torch.zeros(8)) and torch.equal(model[i].running_var, torch.ones(8))
+        assert int(model[i].num_batches_tracked) == 0
+    assert torch.equal(model[9].running_var, original[9].running_var)
+    torch.testing.assert_close(model[0].weight, original[0].weight)
+    code, out, _ = run(capsys, "reset", f"{factories}:net", "-o", str(out_path), "-q")
+    assert code == 0 and out.splitlines()[0] == "reset the running statistics of 3 norm(s):"

@@ -28,7 +28,7 @@ Example:
     ((2, 3, 16, 16), True)
     >>> r = agreement(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.1]]))
     >>> round(r["sqnr_db"], 1), r["top1"]
-    (26.9, 1.0)
+    (27.0, 1.0)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``LayerNorm(x) = n(x) * gamma + beta`` and ``Linear(W, c)(n * gamma + beta) = (W * gamma) n + (W beta + c)``:
 when every user of the norm's output is a Linear (or an ``nn.MultiheadAttention`` whose query, key and
 value are all that output, its packed input projection being a Linear) called at one site, gamma and
-beta move into those layers and the norm loses its affine parameters. Exact up to float rounding.
+beta move into those layers and the norm loses its affine parameters. Shape queries (``x.shape``,
+``x.size()``, ``x.dim()``) do not count as users: they do not read the values. Exact up to float rounding.
 GroupNorm normalizes over channel dim 1: its affine part folds into (non-transposed) convs, whose
 zero padding must not see the shift (so beta must be zero, or the conv pads with no zeros).
 
@@ -155,7 +156,7 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
     if isinstance(params, str):
         return AffinePlan(reason=params)
     gamma, beta, features = params
-    users = list(node.users)
+    users = [u for u in node.users if not _shape_query(u, node)]
     if not users:
         return AffinePlan(reason="its output is unused")
     for user in users:
@@ -163,6 +164,16 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
         if why is not None:
             return AffinePlan(reason=f"affine part not folded: {why}")
     return AffinePlan(gamma, beta, users)
+
+
+def _shape_query(user: fx.Node, node: fx.Node) -> bool:
+    """True for ``x.shape`` / ``x.size()`` / ``x.dim()`` and the like: they do not read the values."""
+    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
+        return False
+    if user.op == "call_method":
+        return user.target in ("size", "dim")
+    return user.op == "call_function" and user.target is getattr and user.args[1:2] in (
+        ("shape",), ("ndim",), ("dtype",), ("device",))
 
 
 def _without_affine(module: nn.Module, kind: str) -> nn.Module:

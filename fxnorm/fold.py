@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.parameter import is_lazy
 
 from .affine_fold import fold_norm_affine
 from .errors import FoldError
@@ -36,6 +35,7 @@ from .fold_math import (
     fold_bn_into_next_conv,
     fold_bn_into_next_linear,
 )
+from .fold_copy import copy_sharing_layers, unshare
 from .fold_report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
 from .fold_shapes import record_shapes
 from .kinds import BN_KINDS, layer_kind
@@ -152,7 +152,8 @@ def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str
             if plan.mode is None or plan.target is None:
                 continue
             consts = bn_constants(gm, node)
-            assert not isinstance(consts, str)  # plan_norm only plans a norm with constants
+            if isinstance(consts, str):  # plan_norm only plans norms with constants; never reached
+                continue
             try:
                 scale, shift = bn_scale_shift(consts.running_mean, consts.running_var, consts.eps,
                                               consts.weight, consts.bias)
@@ -163,8 +164,7 @@ def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str
             part.actions.append(_Action(_norm_name(gm, part.prefix, node), kind, plan.mode,
                                         str(plan.target.target), scale, shift))
             source = node.args[0]
-            assert isinstance(source, fx.Node)
-            _erase_norm(part, node, plan.target if plan.mode == "into_producer" else source)
+            _erase_norm(part, node, plan.target if plan.mode == "into_producer" else source)  # type: ignore[arg-type]
             changed = True
     taken: set[str] = set()
     for node in list(graph.nodes):
@@ -341,7 +341,7 @@ def fold(
                         f"got {type(example_inputs).__name__}")
     shared: dict[int, torch.Tensor] = {}
     try:
-        work = model if inplace else _copy_model(model, shared)
+        work = model if inplace else copy_sharing_layers(model, shared)
     except Exception as err:  # deepcopy of arbitrary user objects
         raise FoldError(f"could not copy {type(model).__name__} ({err}); pass inplace=True to fold it in place") from err
     traced = trace(work, inplace=True, leaf_modules=leaf_modules)
@@ -367,36 +367,6 @@ def fold(
     report.skipped = [s for s, _ in left]
     if norm_affine:
         fold_norm_affine(traced, report)
-    _unshare(traced, shared)
+    unshare(traced, shared)
     attach_report(traced, report)
     return traced
-
-
-def _copy_model(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
-    """``copy.deepcopy(model)`` that does not copy the weights and biases of conv/linear layers: most
-    of them are replaced by folded ones anyway. Those are left shared and recorded in ``shared``;
-    :func:`_unshare` copies the ones still in use once folding is done."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        if layer_kind(module) is None:
-            continue
-        for t in module._parameters.values():
-            if isinstance(t, torch.Tensor) and not is_lazy(t):
-                memo[id(t)] = t
-                shared[id(t)] = t
-    return copy.deepcopy(model, memo)
-
-
-def _unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
-    """Replace every tensor of ``result`` still shared with the user's model by a deep copy (ties
-    inside ``result`` are kept: one copy per tensor)."""
-    if not shared:
-        return
-    copies: dict[int, torch.Tensor] = {}
-    for module in result.modules():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is not None and id(t) in shared and shared[id(t)] is t:
-                    if id(t) not in copies:
-                        copies[id(t)] = copy.deepcopy(t)
-                    store[key] = copies[id(t)]

@@ -3,8 +3,7 @@ parts of the model stayed untraced. The report is attached to the folded model a
 :func:`fold_report`.
 
 Example:
-    >>> import torch.fx as fx
-import torch.nn as nn
+    >>> import torch.nn as nn
     >>> from fxnorm.fold import fold
     >>> folded = fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
     >>> report = fold_report(folded)
@@ -90,8 +89,7 @@ def fold_report(folded: nn.Module) -> FoldReport:
         FoldError: ``folded`` did not come from :func:`fxnorm.fold`.
 
     Example:
-        >>> import torch.fx as fx
-import torch.nn as nn
+        >>> import torch.nn as nn
         >>> from fxnorm.fold import fold
         >>> fold_report(fold(nn.Sequential(nn.Linear(2, 2)))).folded
         []

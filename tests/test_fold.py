@@ -548,3 +548,108 @@ def test_random_chains_fold_exactly(spec):
     assert weight.dtype == dtype
     if channels_last:
         assert weight.is_contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------- norm_affine: LayerNorm / RMSNorm / GroupNorm
+
+
+class Block(nn.Module):
+    """A toy pre-norm transformer block: LN -> MultiheadAttention(q=k=v), LN -> MLP, RMSNorm -> two Linears,
+    and a LayerNorm whose output also feeds an add (its affine part cannot move)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.rms = nn.RMSNorm(d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.ln_out = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        h = self.rms(x)
+        x = x + self.q(h) * self.k(h)
+        y = self.ln_out(x)
+        return self.head(y) + y.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_affine_toy_transformer_block(device):
+    torch.manual_seed(0)
+    model = randomize_norms(Block().eval()).to(device)
+    x = torch.randn(2, 5, 16, device=device)
+    folded = check_fold(model, x, norm_affine=True)
+    report = fold_report(folded)
+    got = {f.name: (f.mode, f.into) for f in report.folded}
+    assert got == {
+        "ln1": ("norm_affine_into_consumer", "attn"),
+        "ln2": ("norm_affine_into_consumer", "fc1"),
+        "rms": ("norm_affine_into_consumer", "q, k"),
+    }
+    for name in ("ln1", "ln2"):
+        norm = folded.get_submodule(name)
+        assert isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine and norm.weight is None
+    assert folded.get_submodule("rms").weight is None
+    assert folded.get_submodule("ln_out").weight is not None
+    (skip,) = report.skipped
+    assert skip.name == "ln_out" and "affine part not folded" in skip.reason and "mean" in skip.reason
+    assert fold_report(fold(model)).folded == []  # only with norm_affine=True
+
+
+@pytest.mark.parametrize("padding,mode,folds", [(0, "zeros", True), (1, "reflect", True), (1, "zeros", False)])
+def test_norm_affine_group_norm_into_conv(padding, mode, folds):
+    model = randomize_norms(nn.Sequential(nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 3, padding=padding,
+                                                                         padding_mode=mode)).eval())
+    folded = check_fold(model, torch.randn(2, 8, 6, 6), norm_affine=True)
+    report = fold_report(folded)
+    if folds:
+        assert [(f.name, f.into) for f in report.folded] == [("0", "1")]
+        assert not folded.get_submodule("0").affine
+    else:
+        assert report.folded == [] and "pads with zeros" in report.skipped[0].reason
+
+
+def test_norm_affine_functional_layer_norm():
+    class Fn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(F.layer_norm(x, (8,), self.w, self.b, 1e-6))
+
+    model = Fn().eval()
+    folded = check_fold(model, torch.randn(3, 8), norm_affine=True)
+    assert [f.kind for f in fold_report(folded).folded] == ["layer_norm"]
+    (node,) = [n for n in folded.graph.nodes if n.target is F.layer_norm]
+    given = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args), **node.kwargs)
+    assert given["weight"] is None and given["bias"] is None
+    assert not any(n.op == "get_attr" for n in folded.graph.nodes)
+
+
+def test_norm_affine_small_vit_and_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = randomize_norms(VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                                            mlp_dim=128).eval())
+    folded = check_fold(vit, torch.randn(2, 3, 32, 32), norm_affine=True)
+    # per encoder layer: ln_1 -> self_attention (packed in_proj), ln_2 -> mlp.0; the final ln feeds x[:, 0]
+    assert sorted(f.into.rsplit(".", 1)[-1] for f in fold_report(folded).folded) == ["0", "0", "self_attention",
+                                                                                       "self_attention"]
+    swin = randomize_norms(SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 2],
+                                           window_size=[4, 4]).eval())
+    folded = check_fold(swin, torch.randn(1, 3, 32, 32), norm_affine=True)
+    folded_names = [f.name for f in fold_report(folded).folded]
+    # norm2 -> mlp.0 in each of the 4 blocks and PatchMerging's norm -> reduction fold; norm1 feeds the
+    # (zero-padding) window attention function
+    assert sorted(folded_names) == sorted([f"features.{i}.{j}.norm2" for i in (1, 3) for j in (0, 1)]
+                                          + ["features.2.norm"])
+    assert all("shifted_window_attention" in s.reason for s in fold_report(folded).skipped if s.name.endswith("norm1"))

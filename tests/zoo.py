@@ -16,7 +16,8 @@ their full resolution (``maxvit_t``: 224x224, its partitions are fixed at 7x7; `
 its final pooling is a fixed 2x7x7; ``mvit_*``: 16x224x224, their builders fix the positional
 embedding size); vision transformers are *built* for a small input (``image_size`` builder argument). Detection models are built with
 ``min_size``/``max_size`` = 64 so their transform does not upscale the image to 800 pixels, except
-the SSDs whose size is fixed by the architecture (300 and 320).
+the SSDs whose size is fixed by the architecture (300 and 320), and with fewer proposals and
+detections (``_FEW_BOXES``: same layers, less post-processing work).
 
 Build + forward time: :data:`HEAVY` lists the models above ~4 s (build dominated by
 parameter initialisation; listed so that a test can mark them ``slow`` or share one build).
@@ -43,6 +44,7 @@ __all__ = [
     "input_size",
     "build",
     "randomize_norms",
+    "randomize_dormant",
     "example_inputs",
     "flatten_outputs",
     "rel_err",
@@ -75,11 +77,22 @@ HEAVY: frozenset[str] = frozenset({
     "maxvit_t", "convnext_base", "mvit_v2_s", "swin_b",
 })
 
+#: Detection post-processing limits: fewer proposals and detections (the R-CNN box head runs on every
+#: proposal: 1000 by default, the cost of the whole model on a small image). The layers are unchanged.
+_FEW_BOXES: dict[str, dict[str, int]] = {
+    **{rcnn: {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_detections_per_img": 20}
+       for rcnn in ("fasterrcnn", "maskrcnn", "keypointrcnn")},
+    **{dense: {"topk_candidates": 100, "detections_per_img": 20} for dense in ("retinanet", "fcos", "ssd",
+                                                                              "ssdlite320")},
+}
+
 #: Builder arguments that make a model accept a small input (see the module docstring).
 _BUILD_KWARGS: dict[str, dict[str, Any]] = {
     **{name: {"image_size": 32} for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")},
     "vit_h_14": {"image_size": 28},
-    **{name: {"min_size": 64, "max_size": 64} for name in FAMILIES["detection"] if not name.startswith("ssd")},
+    **{name: {"min_size": 64, "max_size": 64, **_FEW_BOXES[name.split("_")[0]]}
+       for name in FAMILIES["detection"] if not name.startswith("ssd")},
+    **{name: dict(_FEW_BOXES["ssd"]) for name in FAMILIES["detection"] if name.startswith("ssd")},
     "inception_v3": {"init_weights": False},
     "googlenet": {"init_weights": False},
 }
@@ -175,6 +188,35 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             t = getattr(module, attr, None)
             if isinstance(t, torch.Tensor):
                 draw(t, kind)
+    return model
+
+
+@torch.no_grad()
+def randomize_dormant(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw the parameters that make a freshly built model nearly insensitive to what a test changes
+    (in place): all-zero weights of conv/linear layers (the ViT head is zero-initialised, so a ViT's
+    output is constant) become ``N(0, 1/fan_in)``, and layer scales (ConvNeXt's ``layer_scale``,
+    initialised to 1e-6, which hides its blocks from the output) become ``U(0.5, 1.5)``.
+
+    Example:
+        >>> head = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = nn.init.zeros_(head[0].weight)
+        >>> bool(randomize_dormant(head)[0].weight.abs().sum() > 0)
+        True
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            continue
+        leaf = name.rpartition(".")[2]
+        if leaf == "layer_scale":
+            v = torch.rand(param.shape, generator=gen, dtype=torch.float64) + 0.5
+        elif leaf == "weight" and param.dim() >= 2 and not bool(param.any()):
+            fan_in = param[0].numel()
+            v = torch.randn(param.shape, generator=gen, dtype=torch.float64) / fan_in**0.5
+        else:
+            continue
+        param.copy_(v.to(param.dtype))
     return model
 
 

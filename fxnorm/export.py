@@ -219,12 +219,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _export(folded: nn.Module, original: nn.Module, args: tuple, kwargs: dict | None,
+def _export(folded: nn.Module, original: nn.Module | None, args: tuple, kwargs: dict | None,
             dynamic_shapes: Any, strict: bool) -> torch.export.ExportedProgram:
+    """``torch.export.export(folded, ...)``; on failure, export ``original`` (the unfolded model, if
+    given and intact) too, to tell the user whose fault it is."""
     try:
         return torch.export.export(folded, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as err:
-        if original is not folded:
+        if original is not None and original is not folded:
             try:
                 torch.export.export(original, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
             except Exception:
@@ -269,8 +271,8 @@ def export_folded(
         example_inputs: positional arguments of ``model(*example_inputs)``.
         kwargs, dynamic_shapes, strict: passed to ``torch.export.export``.
         report: also return the :class:`fxnorm.FoldReport`.
-        fold_options: passed to :func:`fxnorm.fold` (``strict``, ``standalone``, ``norm_affine``...);
-            ``fold_strict=True`` stands for fold's ``strict=True``.
+        fold_options: passed to :func:`fxnorm.fold` (``standalone``, ``norm_affine``, ``leaf_modules``...;
+            ``fold_strict=True`` for fold's ``strict=True``).
 
     Returns:
         The ``ExportedProgram`` (and the fold report). Its batch-norm ops (:func:`count_batch_norm_ops`)
@@ -288,8 +290,9 @@ def export_folded(
         (['batch_norm'], [('3', 'producer ... (ReLU) is not a conv/linear; consumer the graph output is not a conv')])
     """
     args = _args(example_inputs)
+    intact = not fold_options.get("inplace", False)  # an in-place fold leaves ``model`` inconsistent
     folded, fold_rep = _folded(model, fold_options, args, kwargs)
-    program = _export(folded, model, args, kwargs, dynamic_shapes, strict)
+    program = _export(folded, model if intact else None, args, kwargs, dynamic_shapes, strict)
     return (program, fold_rep) if report else program
 
 
@@ -349,7 +352,7 @@ def export_onnx(
     if dynamo:
         _require("onnxscript", "onnx")
     args = _args(example_inputs)
-    folded, _ = _folded(model, fold_options, args)
+    folded, _ = _folded(model, fold_options, args)  # export_onnx has no strict of its own: strict= is fold's
     try:
         if dynamo:
             program = torch.onnx.export(folded, args, dynamo=True, opset_version=opset_version, optimize=optimize,
@@ -424,4 +427,4 @@ def export_for_quantization(
         fold_options["strict"] = fold_options.pop("fold_strict")
     fold_options = {"example_inputs": args, **fold_options, "inplace": True}
     folded = fold(work, **fold_options)
-    return _export(folded, folded, args, None, dynamic_shapes, strict).module()
+    return _export(folded, None, args, None, dynamic_shapes, strict).module()

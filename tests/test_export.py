@@ -162,9 +162,21 @@ def test_already_folded_model_is_exported_as_is() -> None:
     folded = fold(model, example_inputs=x)
     program, report = export_folded(folded, x, report=True)
     assert report is fold_report(folded)
-    assert count_batch_norm_ops(program) == 1
+    assert count_batch_norm_ops(program) == 1 and [s.name for s in skipped_batch_norms(folded)] == ["bn_cat"]
     with pytest.raises(FoldError, match="bn_cat"):
         export_folded(model, x, fold_strict=True)
+
+
+def test_frozen_batch_norm_left_is_not_a_batch_norm_op() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = zoo.randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), FrozenBatchNorm2d(4)), seed=2).eval()
+    x = (torch.randn(2, 3, 4, 4),)
+    program, report = export_folded(model, x, report=True)
+    assert [(s.name, s.kind) for s in report.skipped] == [("2", "FrozenBatchNorm2d")]
+    assert count_batch_norm_ops(program) == 0  # it runs as a mul and an add
+    with torch.no_grad():
+        assert zoo.rel_err(program.module()(*x), model(*x)) < 1e-6
 
 
 def test_dynamic_batch_size() -> None:

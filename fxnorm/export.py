@@ -35,33 +35,18 @@ from .fold_report import FoldReport, SkippedNorm, fold_report
 from .kinds import BN_KINDS, norm_kind
 
 __all__ = [
-    "BATCH_NORM_OPS",
-    "MissingExtraError",
-    "batch_norm_nodes",
-    "count_batch_norm_ops",
-    "skipped_batch_norms",
-    "NORM_OPS",
-    "norms_with_affine",
-    "export_folded",
-    "export_onnx",
-    "export_for_quantization",
+    "BATCH_NORM_OPS", "NORM_OPS", "MissingExtraError", "batch_norm_nodes", "count_batch_norm_ops",
+    "norms_with_affine", "skipped_batch_norms", "export_folded", "export_onnx", "export_for_quantization",
 ]
 
 #: ATen batch-norm ops (overload packets) that ``torch.export`` can leave in a graph, before and after
 #: ``run_decompositions()``, in torch 2.4-2.14 (export keeps ``aten.batch_norm``; decomposing gives
 #: ``_native_batch_norm_legit_no_training``). Instance norms are exported as batch norms too.
 BATCH_NORM_OPS: frozenset[str] = frozenset({
-    "aten.batch_norm",
-    "aten.native_batch_norm",
-    "aten._native_batch_norm_legit",
-    "aten._native_batch_norm_legit_no_training",
-    "aten._native_batch_norm_legit_functional",
-    "aten._batch_norm_impl_index",
-    "aten._batch_norm_with_update",
-    "aten._batch_norm_with_update_functional",
-    "aten._batch_norm_no_update",
-    "aten.cudnn_batch_norm",
-    "aten.miopen_batch_norm",
+    "aten.batch_norm", "aten.native_batch_norm", "aten._native_batch_norm_legit",
+    "aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit_functional",
+    "aten._batch_norm_impl_index", "aten._batch_norm_with_update", "aten._batch_norm_with_update_functional",
+    "aten._batch_norm_no_update", "aten.cudnn_batch_norm", "aten.miopen_batch_norm",
 })
 _FUNCTIONS = (F.batch_norm, torch.batch_norm)
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PLOTS", "plot_shift", "plot_coverage", "plot_fold_latency"]
+__all__ = ["PLOTS", "plot_shift", "plot_coverage", "plot_fold_latency", "plot_recalibration"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.dirname(HERE)
@@ -123,9 +123,46 @@ def plot_fold_latency(results: dict[str, Any], path: str) -> bool:
     return True
 
 
+def plot_recalibration(results: dict[str, Any], path: str) -> bool:
+    """Throughput relative to an eval forward, and the statistics error, per model and method."""
+    data = results.get("recalibrate")
+    if not data:
+        return False
+    plt = _pyplot()
+    rows = data["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    others = iter(["#f28e2b", "#59a14f", "#e15759", "#b07aa1"])  # update_bn orange, as in the other plots
+    colors = {m: ("#4e79a7" if m.startswith("fxnorm") else "#9e9e9e" if m.startswith("eval") else next(others))
+              for m in methods}
+    cell = {(r["model"], r["method"]): r for r in rows}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9), dpi=110)
+    _bars(left, models, {m: [cell[(mo, m)]["throughput_vs_eval"] for mo in models] for m in methods}, colors, "%.2f")
+    left.axhline(1.0, color="#555555", lw=0.8, ls="--")
+    left.set_ylabel("throughput / eval forward's (higher is better)")
+    left.set_ylim(0, 1.35)
+    left.legend(loc="upper right", fontsize=7, ncol=len(methods))
+    left.set_title("speed (wall clock, same batches, same rounds)", fontsize=9)
+    errs = [m for m in methods if any(cell[(mo, m)].get("var_rel_err") is not None for mo in models)]
+    series = {m: [max(cell[(mo, m)].get("var_rel_err") or 0.0, 1e-12) for mo in models] for m in errs}
+    _bars(right, models, series, colors, "%.0e")
+    right.set_yscale("log")
+    right.set_ylim(min(min(v) for v in series.values()) / 10, max(max(v) for v in series.values()) * 30)
+    right.set_ylabel("worst relative error of running_var")
+    right.set_title("statistics error vs float64 (lower is better; unshuffled, drifting batches)", fontsize=9)
+    right.legend(loc="upper left", fontsize=7)
+    meta = data.get("meta", {})
+    fig.suptitle(f"Recalibration, {meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, "
+                 f"{meta.get('batches', '?')} batches of {meta.get('batch_size', '?')}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 #: PNG file name in docs/ -> drawing function.
 PLOTS: dict[str, Callable[[dict[str, Any], str], bool]] = {
     "coverage.png": plot_coverage,
     "fold_latency.png": plot_fold_latency,
+    "recalibration.png": plot_recalibration,
     "domain_shift.png": plot_shift,
 }

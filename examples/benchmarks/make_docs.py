@@ -191,6 +191,7 @@ def render_page(results: dict[str, Any]) -> str:
         f"Last run: {date}; " + (", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
                                  if machine else "machine not recorded") + ".",
         "",
+        *([f"Conditions: {note}", ""] if (note := (results.get("machine") or {}).get("note")) else []),
         "Contents: " + ", ".join(f"[{title}](#{anchor})" for title, anchor, _ in SECTIONS) + ".",
         "",
     ]
@@ -232,11 +233,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is not up to date")
     parser.add_argument("--api", action="store_true", help="also regenerate docs/api.md")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--note", help="record how the machine was loaded etc. (shown under 'Last run')")
     parser.add_argument("--add", nargs=2, metavar=("NAME", "JSON"), action="append", default=[],
                         help=f"store a JSON written by a benchmark script as NAME ({', '.join(BENCHMARKS)})")
     args = parser.parse_args(argv)
     for name, path in args.add:
         print(f"stored {os.path.relpath(add_result(name, path), ROOT)}")
+    if args.note is not None:
+        meta = _read(os.path.join(RESULTS, META)) or {}
+        meta["note"] = args.note
+        with open(os.path.join(RESULTS, META), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
     if args.run is not None:
         names = [n for group in (args.run or list(GROUPS)) for n in GROUPS[group]]
         run_benchmarks(names)

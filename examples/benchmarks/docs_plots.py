@@ -117,7 +117,7 @@ def plot_fold_latency(results: dict[str, Any], path: str) -> bool:
     axes[0][0].legend(loc="lower left", fontsize=8)
     meta = data.get("meta", {})
     fig.suptitle(f"Folded model latency relative to the unfolded eval model (lower is better; "
-                 f"{meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads)", fontsize=9)
+                 f"{meta.get('device', 'cpu')}, torch threads: {meta.get('threads', '?')})", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -152,7 +152,7 @@ def plot_recalibration(results: dict[str, Any], path: str) -> bool:
     right.set_title("statistics error vs float64 (lower is better; unshuffled, drifting batches)", fontsize=9)
     right.legend(loc="upper left", fontsize=7)
     meta = data.get("meta", {})
-    fig.suptitle(f"Recalibration, {meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, "
+    fig.suptitle(f"Recalibration, {meta.get('device', 'cpu')}, torch threads: {meta.get('threads', '?')}, "
                  f"{meta.get('batches', '?')} batches of {meta.get('batch_size', '?')}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)

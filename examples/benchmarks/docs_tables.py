@@ -137,7 +137,7 @@ def fold_section(results: dict[str, Any]) -> str:
     out = [
         "`fxnorm.fold` against `torch.fx.experimental.optimization.fuse` on torchvision models built without "
         "weights, batch-norm statistics and affine parameters randomized (so no fold is an identity). "
-        f"Device {meta.get('device', 'cpu')}, torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads; "
+        f"Device {meta.get('device', 'cpu')}, torch {meta.get('torch', '?')}, torch threads: {meta.get('threads', '?')}; "
         "medians over repeats, the compared functions run in turn.",
         "",
         "**Pass time and batch norms left.** `fold / fuse` below 1 means fxnorm's pass is faster.",
@@ -166,9 +166,35 @@ def fold_section(results: dict[str, Any]) -> str:
         ]
     if any(k.startswith("fxnorm/eval_b") for k in rows[0]):
         out += ["![latency relative to the unfolded eval model](fold_latency.png)", ""]
+    out += [_fold_reading(rows, batches), ""]
     out.append("Reproduce: `python examples/benchmarks/bench_fold.py` (`--device cuda` on a GPU). "
                "[folding.md](folding.md) explains what folds and why.")
     return "\n".join(out) + "\n"
+
+
+def _span(values: list[float], fmt: str = ".2f") -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+def _fold_reading(rows: list[dict[str, Any]], batches: list[int]) -> str:
+    """The measured figures in one paragraph (ranges over the models)."""
+    ratio = [r["fold/fuse"] for r in rows if isinstance(r.get("fold/fuse"), (int, float))]
+    faster = [r["model"] for r in rows if isinstance(r.get("fold/fuse"), (int, float)) and r["fold/fuse"] < 1]
+    vs_fuse = [r[f"fxnorm/fuse_b{b}"] for r in rows for b in batches]
+    vs_eval = [r[f"fxnorm/eval_b{b}"] for r in rows for b in batches]
+    errs = [r[f"err_b{b}"] for r in rows for b in batches if isinstance(r.get(f"err_b{b}"), (int, float))]
+    text = (f"Reading: fxnorm's pass takes {_span(ratio)}x the time of torch's `fuse` "
+            f"(below 1 on {', '.join(faster) if faster else 'none of them'}). The folded models run at "
+            f"{_span(vs_fuse, '.3f')}x the latency of torch's fused ones and {_span(vs_eval, '.3f')}x that of the "
+            "unfolded eval model")
+    if errs:
+        text += f", with outputs within {max(errs):.1e} (relative) of the original"
+    text += "."
+    if all(r["bn_left_fuse"] == 0 and r["bn_left_fxnorm"] == 0 for r in rows):
+        text += (f" Both tools fold every batch norm of these {len(rows)} models; where they differ is coverage "
+                 "(next section).")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ coverage
@@ -252,6 +278,14 @@ def coverage_section(results: dict[str, Any]) -> str:
         "![batch norms left per model family](coverage.png)",
         "",
     ]
+    fuse_fail = sum(r["bn_total"] for r in rows if not isinstance(r["bn_left_fuse"], int))
+    left_models = [r["model"] for r in rows if r["bn_left_fxnorm"]]
+    out += [f"Reading: of {total['bn_total']} batch norms, torch's `fuse` leaves {total['bn_left_fuse']} "
+            f"({fuse_fail} of them in the {total['fuse_failed']} models it cannot trace) and fxnorm leaves "
+            f"{total['bn_left_fxnorm']}"
+            + (f", all in {', '.join(left_models)}." if left_models else ".")
+            + f" fxnorm's worst relative output error over the zoo is {float(worst.get('rel_err') or 0):.1e} "
+            "(float32).", ""]
     left = [r for r in rows if r["bn_left_fxnorm"]]
     if left:
         out += ["Models where fxnorm leaves batch norms (each one is reported by `fold_report` with its reason; "

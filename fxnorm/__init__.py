@@ -7,6 +7,7 @@ Example:
     20 norms (BatchNorm2d: 20); 20 foldable, 0 not foldable; 0 untraced parts
 """
 
+from .calibrate import CalibrationReport, LayerStats, convert, prepare, recalibrate, reset
 from .fold import ChannelAffine, FoldedNorm, FoldReport, SkippedNorm, fold, fold_report
 from .errors import CalibrationError, DataError, FoldError, FxNormError, ModelLoadError, TraceError
 from .render import format_summary, format_table, format_untraced, report_dict, summarize
@@ -37,5 +38,11 @@ __all__ = [
     "FoldedNorm",
     "SkippedNorm",
     "ChannelAffine",
+    "reset",
+    "prepare",
+    "convert",
+    "recalibrate",
+    "CalibrationReport",
+    "LayerStats",
 ]
 __version__ = "0.1.0"

@@ -122,8 +122,8 @@ def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
                                    "trace: its statistics are left as they are")
     observed = [t for t in targets if id(t) in observed_ids]
     if not observed:
-        raise CalibrationError(f"none of the chosen norms can be observed ({'; '.join(f'{k}: {v}' for k, v in unsupported.items())}); "
-                               "the model was left unchanged")
+        why = "; ".join(f"{name}: {reason}" for name, reason in unsupported.items())
+        raise CalibrationError(f"none of the chosen norms can be observed ({why}); the model was left unchanged")
     state = PreparedState(model, session, targets, unsupported)
     state.modules = list({id(m): m for m in (*root.modules(), *model.modules())}.values())
     install_forward(root, state)
@@ -148,6 +148,65 @@ def _all_reduce(targets: list[NormTarget]) -> None:
     dist.all_reduce(counts)
     for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
         t.calls, t.updates, t.skipped = calls, updates, skipped
+
+
+def _local_checks(state: PreparedState) -> None:
+    """What must hold on this process before anything is merged (raises the first problem)."""
+    session = state.session
+    if session.failed:
+        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare() are incomplete and were not "
+                               "written; the model is unchanged (call fxnorm.prepare(model) again)")
+    if session.num_batches == 0:
+        raise DataError("no batch was run through the prepared model: nothing to convert; the model is unchanged")
+    failure = _first_failure(state.targets)
+    if failure is not None:
+        raise failure
+
+
+def _gather(state: PreparedState, all_reduce: bool) -> None:
+    """Local checks, then (distributed) a vote so that every rank fails together, then the merge."""
+    local: FxNormError | None = None
+    try:
+        _local_checks(state)
+    except FxNormError as err:
+        local = err
+    if all_reduce:
+        device = state.targets[0].moments.device
+        votes = torch.tensor([1.0 if local is not None else 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(votes)
+        if local is None and votes.item() > 0:
+            local = CalibrationError(f"{int(votes.item())} other process(es) failed to calibrate: nothing was written")
+    if local is not None:
+        raise local
+    for t in state.targets:
+        t.flush()
+    if all_reduce:
+        _all_reduce(state.targets)
+
+
+def _new_statistics(state: PreparedState) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The values to write, by target id, cast to the buffers' dtype and checked."""
+    new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t in state.targets:
+        if t.module is not None and (t.module.running_mean is not t.running_mean
+                                     or t.module.running_var is not t.running_var):
+            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare() (model.to()?): "
+                                   "nothing was written; prepare again after moving the model")
+        if t.updates == 0 or t.count < 2:
+            continue
+        mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
+        var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            raise NonFiniteStatistics(
+                f"norm '{t.label}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
+                f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
+                "nothing was written")
+        new[id(t)] = (mean, var)
+    if not new:
+        raise CalibrationError(f"none of the {len(state.targets)} chosen norms was reached with usable data by the "
+                               f"{state.session.num_batches} batch(es) (check the forward and the batch sizes); "
+                               "the model is unchanged")
+    return new
 
 
 def convert(prepared: nn.Module, *, report: bool = False,
@@ -182,48 +241,22 @@ def convert(prepared: nn.Module, *, report: bool = False,
     session, targets = state.session, state.targets
     if state.converted:
         raise CalibrationError("this prepared model was already converted: call fxnorm.prepare(model) again")
-    if session.failed:
-        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare() are incomplete and were not "
-                               "written; the model is unchanged (call fxnorm.prepare(model) again)")
-    if session.num_batches == 0:
-        raise DataError("no batch was run through the prepared model: nothing to convert; the model is unchanged")
+    if all_reduce is None:
+        all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with torch.no_grad():
-        failure = _first_failure(targets)
-        if failure is not None:
-            raise failure
-        for t in targets:
-            t.flush()
-        if all_reduce is None:
-            all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if all_reduce:
-            _all_reduce(targets)
-        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t in targets:
-            if t.module is not None and (t.module.running_mean is not t.running_mean
-                                         or t.module.running_var is not t.running_var):
-                raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare() (model.to()?): "
-                                       "nothing was written; prepare again after moving the model")
-            if t.updates == 0 or t.count < 2:
-                continue
-            mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
-            var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise NonFiniteStatistics(
-                    f"norm '{t.label}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
-                    f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
-                    "nothing was written")
-            new[id(t)] = (mean, var)
-        if not new:
-            raise CalibrationError(f"none of the {len(targets)} chosen norms was reached with usable data by the "
-                                   f"{session.num_batches} batch(es) (check the forward and the batch sizes); "
-                                   "the model is unchanged")
-        layers: list[LayerStats] = []
-        for t in sorted(targets, key=lambda t: t.order if t.order >= 0 else 1 << 30):
-            if id(t) not in new:
-                continue
+        if not all_reduce:
+            _local_checks(state)  # a failure here leaves the prepared model usable (run batches, convert again)
+        try:
+            _gather(state, all_reduce)
+            new = _new_statistics(state)
+            order = sorted((t for t in targets if id(t) in new), key=lambda t: t.order)
+            layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
+                                  float(getattr(t.module, "eps", 1e-5))) for t in order]
+        except BaseException as err:  # merged or all-reduced already: these statistics cannot be used again
+            session.failed = session.failed or f"convert() failed ({type(err).__name__})"
+            raise
+        for t in order:  # nothing below can fail
             mean, var = new[id(t)]
-            eps = float(getattr(t.module, "eps", 1e-5))
-            layers.append(layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, mean, var, eps))
             t.running_mean.copy_(mean)
             t.running_var.copy_(var)
             if t.num_batches_tracked is not None:

@@ -727,9 +727,10 @@ def test_report_figures_by_hand():
 # distributed
 
 
-def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
-    """Two ranks (threads) with unequal shards; sums and counts are all-reduced (pitfall 6)."""
-    world = 2
+def run_ranks(monkeypatch, jobs: list) -> list:
+    """Run ``jobs`` (one callable per simulated rank) in threads whose ``dist.all_reduce`` sums over
+    them; return what each returned or raised."""
+    world = len(jobs)
     barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), []
 
     def all_reduce(tensor, group=None):
@@ -747,30 +748,44 @@ def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))).eval()
-    batches = drifting((8, 8, 8, 3, 5), (5,))
-    shards = [batches[:2], batches[2:]]
-    models = [copy.deepcopy(base) for _ in range(world)]
-    prepared = [prepare(m) for m in models]  # tracing patches globals: not from two threads at once
-    errors = []
+    results: list = [None] * world
 
     def rank(i):
         try:
-            with torch.inference_mode():
-                for b in shards[i]:
-                    prepared[i](b)
-            convert(prepared[i])
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-            barrier.abort()
+            results[i] = jobs[i]()
+        except Exception as err:
+            results[i] = err
 
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
     monkeypatch.undo()
+    return results
+
+
+def ranks_calibrating(models: list[nn.Module], shards: list[list[torch.Tensor]]) -> list:
+    prepared = [prepare(m) for m in models]  # tracing patches globals: not from two threads at once
+
+    def job(i):
+        def run():
+            with torch.inference_mode():
+                for b in shards[i]:
+                    prepared[i](b)
+            return convert(prepared[i])
+        return run
+
+    return [job(i) for i in range(len(models))]
+
+
+def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
+    """Two ranks (threads) with unequal shards; sums and counts are all-reduced (pitfall 6)."""
+    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))).eval()
+    batches = drifting((8, 8, 8, 3, 5), (5,))
+    models = [copy.deepcopy(base) for _ in range(2)]
+    results = run_ranks(monkeypatch, ranks_calibrating(models, [batches[:2], batches[2:]]))
+    assert results[0] is models[0] and results[1] is models[1]
     single = recalibrate(copy.deepcopy(base), batches)
     with torch.no_grad():
         mean, var, _ = pooled([base[0](x) for x in batches])
@@ -779,6 +794,36 @@ def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
         assert m[1].num_batches_tracked.item() == len(batches)
         for (k, v), v2 in zip(m.state_dict().items(), single.state_dict().values()):
             torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
+    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
+    batches = drifting((8, 8, 8), (5,))
+    bad = batches[2].clone()
+    bad[0, 0] = float("nan")
+    models = [copy.deepcopy(base) for _ in range(2)]
+    snaps = [snapshot(m) for m in models]
+    results = run_ranks(monkeypatch, ranks_calibrating(models, [batches[:2], [bad]]))
+    assert isinstance(results[1], DataError) and "batch 0" in str(results[1])
+    assert isinstance(results[0], CalibrationError) and "1 other process(es) failed" in str(results[0])
+    for m, snap in zip(models, snaps):
+        assert_unchanged(m, snap)
+
+
+def test_convert_can_wait_for_batches_but_not_be_retried_after_merging():
+    bn = nn.BatchNorm1d(2)
+    prepared = prepare(bn)
+    with pytest.raises(DataError, match="no batch"):
+        convert(prepared)
+    prepared(torch.randn(4, 2))
+    assert convert(prepared) is bn and bn.num_batches_tracked.item() == 1
+    half = nn.BatchNorm1d(2).half()
+    prepared = prepare(half)
+    prepared((torch.randn(8, 2) * 1000).half())
+    with pytest.raises(CalibrationError, match="do not fit in torch.float16"):
+        convert(prepared)
+    with pytest.raises(CalibrationError, match=r"convert\(\) failed \(NonFiniteStatistics\)"):
+        convert(prepared)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")

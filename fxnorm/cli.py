@@ -366,7 +366,12 @@ def _fold(args: argparse.Namespace, console: _Console) -> int:
         except Exception as err:
             raise FxNormError(f"running the models for --check failed: {type(err).__name__}: {err}") from err
         err_value = relative_error(out, ref)
-        check = {"rel_err": err_value, "tolerance": args.tolerance, "passed": err_value <= args.tolerance}
+        elements = sum(t.numel() for t in _flatten(ref))
+        check = {"rel_err": err_value, "tolerance": args.tolerance, "passed": err_value <= args.tolerance,
+                 "elements": elements}
+        if elements == 0:
+            console.log("warning: the outputs hold no values (a detection model finds nothing on random "
+                        "inputs?): --check compared nothing")
 
     passed = check is None or check["passed"]
     if passed:
@@ -402,7 +407,7 @@ def _fold(args: argparse.Namespace, console: _Console) -> int:
         if check is not None:
             verdict = "ok" if check["passed"] else "FAILED"
             console.out(f"check: max|folded - original| / max|original| = {check['rel_err']:.3g} "
-                        f"(tolerance {args.tolerance:g}): {verdict}")
+                        f"over {check['elements']} output values (tolerance {args.tolerance:g}): {verdict}")
         if passed:
             console.out(f"saved {output}" + "".join(f", {p}" for p in exports.values()))
     if not passed:

@@ -64,6 +64,15 @@ FACTORIES = textwrap.dedent('''
                                         nn.BatchNorm2d(4)))
 
 
+    class Nothing(nn.Module):
+        def forward(self, x):
+            return x[:, :0]
+
+
+    def empty():
+        return _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Nothing()))
+
+
     def broken():
         raise RuntimeError("no such checkpoint on this machine")
 
@@ -304,6 +313,7 @@ def test_fold_check_saves_an_equivalent_model(capsys: pytest.CaptureFixture, fac
     assert report["after"]["summary"]["total"] == 1  # only the unfoldable one is left
     check = report["check"]
     assert check["passed"] and check["tolerance"] == 1e-4 and 0 < check["rel_err"] < 1e-5
+    assert check["elements"] == 2 * 4
     # the saved file loads and computes what the original computes
     folded = torch.load(out_path, weights_only=False)
     model = _net(factories)
@@ -347,6 +357,14 @@ def test_fold_strict_and_failed_check_save_nothing(capsys: pytest.CaptureFixture
     report = json.loads(out)
     assert report["check"]["passed"] is False and report["output"] is None
     assert "exceeds the tolerance 1e-30; nothing was saved" in err
+
+
+def test_fold_check_of_empty_outputs_warns(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "fold", f"{factories}:empty", "-o", str(tmp_path / "e.pt"), "--check",
+                         "--input-shape", "1,3,4,4", "--format", "json")
+    assert code == 0
+    assert json.loads(out)["check"] == {"rel_err": 0.0, "tolerance": 1e-4, "passed": True, "elements": 0}
+    assert "--check compared nothing" in err
 
 
 def test_fold_check_needs_inputs_for_unknown_models(capsys: pytest.CaptureFixture, factories: str) -> None:

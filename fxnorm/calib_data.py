@@ -45,7 +45,8 @@ def default_forward(model: nn.Module, batch: Any, index: int) -> Any:
         return model(batch[0])
     if isinstance(batch, dict) and batch and all(isinstance(k, str) for k in batch):
         return model(**batch)
-    raise DataError(f"batch {index} is a {type(batch).__name__}{' (empty)' if not batch else ''}: fxnorm runs a tensor, "
+    empty = " (empty)" if not batch else ""
+    raise DataError(f"batch {index} is a {type(batch).__name__}{empty}: fxnorm runs a tensor, "
                     "a tuple/list whose first item is the input, or a dict of keyword inputs; pass "
                     "forward=lambda model, batch: ... for anything else")
 

@@ -217,7 +217,8 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "own_inputs_var_rel_err": own[1] if k == fx else None,
             "peak_mb": round(memory[k], 1),
         })
-    print(f"\n{name}: {len(batches)} batches of {args.batch_size}x3x{args.size}x{args.size} (last {batches[-1].shape[0]}), "
+    shape = f"{args.batch_size}x3x{args.size}x{args.size}"
+    print(f"\n{name}: {len(batches)} batches of {shape} (last {batches[-1].shape[0]}), "
           f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     print(tabulate([{k: v for k, v in r.items() if k != "model"} for r in rows], headers="keys", floatfmt=".3g"))
     return rows

@@ -38,7 +38,7 @@ from .fold_math import (
 from .fold_copy import copy_sharing_layers, unshare
 from .fold_report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
 from .fold_shapes import record_shapes
-from .kinds import BN_KINDS, layer_kind
+from .kinds import BN_KINDS, is_plain, layer_kind, norm_kind
 from .plan import bn_constants, node_norm_kind, plan_norm
 from .sites import _eager_sites, _scope_name
 from .tracing import graph_parts, trace, trace_report
@@ -344,6 +344,8 @@ def fold(
         work = model if inplace else copy_sharing_layers(model, shared)
     except Exception as err:  # deepcopy of arbitrary user objects
         raise FoldError(f"could not copy {type(model).__name__} ({err}); pass inplace=True to fold it in place") from err
+    opaque = [(name, kind, type(m).__name__) for name, m in work.named_modules()
+              if (kind := norm_kind(m)) in BN_KINDS and not is_plain(m)]
     traced = trace(work, inplace=True, leaf_modules=leaf_modules)
     if example_inputs is not None:
         record_shapes(traced, tuple(example_inputs))
@@ -356,6 +358,10 @@ def fold(
     eager = [(SkippedNorm(s.name, s.kind, s.reason or "runs in untraced code"), s.kind in BN_KINDS)
              for s in _eager_sites(traced, reasons)]
     left = [site for part in parts for site in part.skipped] + eager
+    seen = {a.name for part in parts for a in part.actions} | {s.name for s, _ in left}
+    left += [(SkippedNorm(name, kind, f"{cls} overrides forward() and its traced code calls no batch_norm with "
+                          "constant statistics: fxnorm cannot tell what it computes"), True)
+             for name, kind, cls in opaque if name not in seen]
     if strict:
         bad = [(s.name, s.kind, s.reason) for s, is_bn in left if is_bn]
         if bad:

@@ -308,7 +308,12 @@ def test_conv_output_with_other_users_not_folded():
 def test_unknown_bn_subclass_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BNTimesTwo(4)).eval()
     folded = check_fold(model, torch.randn(1, 3, 5, 5))
-    assert fold_report(folded).folded == []
+    report = fold_report(folded)
+    assert report.folded == []
+    (skip,) = report.skipped
+    assert skip.name == "1" and skip.kind == "BatchNorm2d" and "BNTimesTwo overrides forward()" in skip.reason
+    with pytest.raises(FoldError, match="BNTimesTwo"):
+        fold(model, strict=True)
 
 
 @pytest.mark.parametrize("case", ["training", "no_stats"])

@@ -139,14 +139,16 @@ def _free_name(gm: fx.GraphModule, wanted: str, taken: set[str]) -> str:
 
 
 def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str) -> None:
-    """Fold (on ``part.graph``, a copy) until nothing more folds; record actions and what is left."""
+    """Fold on ``part.graph`` (a copy when folding in place) until nothing more folds; record the actions
+    (applied to the weights by :func:`_commit`) and what is left, with reasons."""
     gm, graph, reasons = part.gm, part.graph, {}
-    created: set[fx.Node] = set()
+    norms = [n for n in graph.nodes if node_norm_kind(gm, n) is not None]
+    done: set[fx.Node] = set()
     changed = True
     while changed:
         changed = False
-        for node in list(graph.nodes):
-            if node in created or node_norm_kind(gm, node) is None:
+        for node in norms:
+            if node in done:
                 continue
             plan = plan_norm(gm, node, sites)
             if plan.mode is None or plan.target is None:
@@ -165,13 +167,16 @@ def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str
                                         str(plan.target.target), scale, shift))
             source = node.args[0]
             _erase_norm(part, node, plan.target if plan.mode == "into_producer" else source)  # type: ignore[arg-type]
+            done.add(node)
             changed = True
+    left = []  # reasons first: the affine nodes made below call modules that do not exist yet
+    for node in norms:
+        found = None if node in done else node_norm_kind(gm, node)
+        if found is not None:
+            reason = reasons.get(node) or plan_norm(gm, node, sites).reason or "cannot fold"
+            left.append((node, found[0], _norm_name(gm, part.prefix, node), reason))
     taken: set[str] = set()
-    for node in list(graph.nodes):
-        found = None if node in created else node_norm_kind(gm, node)
-        if found is None:
-            continue
-        kind, name = found[0], _norm_name(gm, part.prefix, node)
+    for node, kind, name, reason in left:
         consts = bn_constants(gm, node)
         if standalone == "affine" and not isinstance(consts, str) and node not in reasons:
             scale, shift = bn_scale_shift(consts.running_mean, consts.running_var, consts.eps,
@@ -180,13 +185,11 @@ def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str
             target = base if node.op == "call_module" else _free_name(gm, base.replace(".", "_"), taken)
             part.actions.append(_Action(name, kind, "affine", target, scale, shift))
             with graph.inserting_before(node):
-                new = graph.call_module(target, (node.args[0],))
+                new = graph.create_node("call_module", target, (node.args[0],))
             new.meta = dict(node.meta)
-            created.add(new)
             _erase_norm(part, node, new)
             part.erased.discard(target)
             continue
-        reason = reasons.get(node) or plan_norm(gm, node, sites).reason or "cannot fold"
         part.skipped.append((SkippedNorm(name, kind, reason), kind in BN_KINDS))
 
 
@@ -250,36 +253,33 @@ def _drop_unused(gm: fx.GraphModule, erased: set[str]) -> None:
     ancestor), and a module only when no node refers to it or to anything inside it."""
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     used = called | {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-
-    def inside(path: str, targets: set[str]) -> bool:
-        return any(t == path or t.startswith(path + ".") for t in targets)
+    prefixes = {p for t in used for p in _ancestors(t)}  # every path some used target lies in or under
+    modules = dict(gm.named_modules(remove_duplicate=False))
 
     def runs(path: str) -> bool:
-        return any(path == c or path.startswith(c + ".") for c in called)
+        return any(a in called for a in _ancestors(path))
 
     owners: set[str] = set()
     for target in sorted(erased):
-        if inside(target, used):
+        if target in prefixes:
             continue
-        if _is_module(gm, target):
+        if target in modules:
             owners.add(target)
             continue
         owner, _, attr = target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        if not runs(owner) and (attr in module._buffers or attr in module._parameters):
+        module = modules.get(owner)
+        if module is not None and not runs(owner) and (attr in module._buffers or attr in module._parameters):
             delattr(module, attr)
         owners.add(owner)
     for owner in sorted(owners, key=len, reverse=True):
-        if owner and _is_module(gm, owner) and not inside(owner, used) and not runs(owner):
+        if owner and owner in modules and owner not in prefixes and not runs(owner):
             gm.delete_submodule(owner)
 
 
-def _is_module(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-    except AttributeError:
-        return False
-    return True
+def _ancestors(path: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``."""
+    parts = path.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _strict_error(sites: list[tuple[str, str, str]]) -> FoldError:
@@ -349,7 +349,10 @@ def fold(
     traced = trace(work, inplace=True, leaf_modules=leaf_modules)
     if example_inputs is not None:
         record_shapes(traced, tuple(example_inputs))
-    parts = [_PartPlan(prefix, gm, copy.deepcopy(gm.graph)) for prefix, gm in graph_parts(traced)]
+    # Plan on copies of the graphs when folding in place (so that a refusal changes nothing); a
+    # private copy of the model is thrown away on failure, its graphs can be edited directly.
+    parts = [_PartPlan(prefix, gm, copy.deepcopy(gm.graph) if inplace else gm.graph)
+             for prefix, gm in graph_parts(traced)]
     sites = _graph_sites([(p.gm, p.graph) for p in parts])
     for part in parts:
         _plan_part(part, sites, standalone)

@@ -349,6 +349,13 @@ def test_strict_passes_when_everything_folds():
 # ---------------------------------------------------------------- standalone affine
 
 
+def test_standalone_affine_chain_of_unfoldable_norms():
+    model = randomize_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Sigmoid()).eval())
+    for inplace in (False, True):
+        folded = check_fold(copy.deepcopy(model), torch.randn(2, 3, 4, 4), standalone="affine", inplace=inplace)
+        assert [(f.name, f.mode) for f in fold_report(folded).folded] == [("1", "affine"), ("2", "affine")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_standalone_affine(dtype):
     model = randomize_norms(Residual().eval()).to(dtype)

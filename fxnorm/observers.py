@@ -5,8 +5,8 @@ the batch) and records those statistics; it never touches the norm's own buffers
 norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.convert` writes it back.
 
 Batch norms on a CPU with contiguous input reduce each batch to per-(sample, channel) sums and sums
-of squares (two fast contiguous reductions; squares about the batch mean once a channel's mean is
-large against its spread, see :meth:`NormObserver._planes`), pool them in float64 and normalize with
+of squares (two fast contiguous reductions; squares about the batch mean for channels whose mean is
+large against their spread, see :meth:`NormObserver._planes`), pool them in float64 and normalize with
 one eval-mode ``torch.batch_norm`` pass. Elsewhere (CUDA, channels-last...) one ``torch.batch_norm``
 call in training mode (cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
 batch variance into a row of a small scratch table instead of the norm's buffers. Either way the
@@ -92,7 +92,6 @@ class NormTarget:
     _counts: list[int] = field(default_factory=list, init=False, repr=False)
     _batches: list[int] = field(default_factory=list, init=False, repr=False)
     _ddof: list[int] = field(default_factory=list, init=False, repr=False)
-    wide: bool = field(default=False, init=False)  #: squares about the mean (a large mean/std ratio was seen)
 
     def __post_init__(self) -> None:
         device = self.running_mean.device
@@ -213,7 +212,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-_CANCEL = 3.0  # take squares about the mean once mean^2 > _CANCEL * var in some channel
+_CANCEL = 3.0  # squares about the mean for channels with mean^2 > _CANCEL * var
 _CHUNK = 1 << 19  # elements per centred chunk (2 MB of float32: cache-resident, few parallel regions)
 
 
@@ -299,19 +298,21 @@ class NormObserver(nn.Module):
                 acc: torch.dtype) -> Tensor:
         """CPU, contiguous: per-(sample, channel) sums and sums of squares (fast contiguous reductions)
         pooled in float64, then one eval-mode normalization pass: cheaper than the CPU training kernel.
-        Uncentred float32 squares cancel: their variance error is about 1e-7 * (1 + mean^2 / var). Once a
-        channel's mean exceeds sqrt(3) standard deviations, the norm's squares are taken about the batch
-        mean instead (one more pass), which keeps the error near 1e-7."""
+        Uncentred float32 squares cancel: their variance error is about 1e-7 * (1 + mean^2 / var). The
+        channels whose mean exceeds sqrt(3) standard deviations get their squares taken about the batch
+        mean (a copy of those channels, or of all when they are more than a quarter, made in cache-sized
+        chunks), which keeps the error near 1e-7."""
         target = self.target
         planes = input.detach().view(input.shape[0], target.num_channels, -1)  # statistics need no autograd
         mean = planes.sum(-1, dtype=acc).sum(0, dtype=torch.float64) / n
-        if target.wide:
-            var = _centred_variance(planes, mean, n, acc)
-        else:
-            sq = mean.square()
-            var = _sum_squares(planes, acc) / n - sq
-            if bool((sq > var * _CANCEL).any()):
-                target.wide = True
+        sq = mean.square()
+        var = _sum_squares(planes, acc) / n - sq
+        bad = sq > var * _CANCEL
+        if bool(bad.any()):  # cancellation: squares about the mean for these channels
+            channels = bad.nonzero().flatten()
+            if 4 * channels.numel() <= target.num_channels:
+                var[channels] = _centred_variance(planes.index_select(1, channels), mean[channels], n, acc)
+            else:
                 var = _centred_variance(planes, mean, n, acc)
         row_mean, row_var = target.slot(input.device, torch.float64)
         row_mean.copy_(mean)

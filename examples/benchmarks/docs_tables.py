@@ -323,7 +323,7 @@ def recalibrate_section(results: dict[str, Any]) -> str:
         "second over the whole call (fxnorm's tracing, observers and write-back included); `vs eval` is the "
         "method's throughput over a plain eval forward's on the same batches, measured in the same rounds "
         f"(wall clock, and process CPU time which a busy machine disturbs less). Device {meta.get('device', 'cpu')}, "
-        f"torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads, medians over {meta.get('rounds', '?')} "
+        f"torch {meta.get('torch', '?')}, torch threads: {meta.get('threads', '?')}, medians over {meta.get('rounds', '?')} "
         "rounds in rotating order.",
         "",
         "Statistics error: the worst channel of any norm against float64 statistics computed directly from the "

@@ -188,10 +188,10 @@ def render_page(results: dict[str, Any]) -> str:
         "python examples/benchmarks/make_docs.py --run",
         "```",
         "",
-        f"Last run: {date}; " + (", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
+        f"Last run: {date}; " + (", ".join(f"{k} {v}" for k, v in machine.items() if v is not None and k != "threads")
                                  if machine else "machine not recorded") + ".",
         "",
-        *([f"Conditions: {note}", ""] if (note := (results.get("machine") or {}).get("note")) else []),
+        *([f"Conditions: {note.rstrip('.')}.", ""] if (note := (results.get("machine") or {}).get("note")) else []),
         "Contents: " + ", ".join(f"[{title}](#{anchor})" for title, anchor, _ in SECTIONS) + ".",
         "",
     ]

@@ -52,7 +52,8 @@ except ImportError:  # pragma: no cover - depends on how the example is launched
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fxnorm
 
-__all__ = ["CORRUPTIONS", "METHODS", "SmallNet", "load_data", "corrupt", "train", "accuracy", "adapt", "run", "main"]
+__all__ = ["CORRUPTIONS", "METHODS", "SmallNet", "load_data", "corrupt", "train", "accuracy", "adapt", "run", "format_rows",
+           "plot", "main"]
 
 #: Adaptation methods compared, in table order.
 METHODS = ("source", "update_bn", "update_bn_no_dropout", "fxnorm")

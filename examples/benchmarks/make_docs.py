@@ -42,7 +42,7 @@ if HERE not in sys.path:  # the table and plot helpers next to this script
 
 from docs_tables import SECTIONS  # noqa: E402  (after the path set-up on purpose)
 
-__all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benchmarks", "main"]
+__all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benchmarks", "add_result", "main"]
 
 #: name -> (JSON file in results/, command that writes it; ``{json}`` is replaced by the path).
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {

@@ -45,7 +45,7 @@ TOL32, TOL64 = 1e-5, 1e-10
 #: Models whose full CPU check costs most and that have no batch norm (single-thread CPU seconds:
 #: vit_h_14 9.1 (632M parameters), mvit_v1_b 7.2 and mvit_v2_s 6.6 (16x224x224 input fixed by their
 #: builders)). In CI they get the structure check on the meta device below; the full check runs with
-#: FXNORM_FULL_ZOO=1. regnet_y_128gf (645M parameters, ~5 GB peak, 12.2 s) runs fully: its batch norms
+#: FXNORM_FULL_ZOO=1. regnet_y_128gf (645M parameters, 6.2 GB peak RSS, 12.2 s) runs fully: its batch norms
 #: need real statistics, so a structure check would cost as much. Every other model < 6.1 s.
 EXPENSIVE = frozenset({"vit_h_14", "mvit_v1_b", "mvit_v2_s"})
 

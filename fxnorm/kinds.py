@@ -91,6 +91,11 @@ def _layer_bases() -> dict[type, str]:
     }
 
 
+@functools.lru_cache(maxsize=None)
+def _all_bases() -> dict[type, str]:
+    return {**_norm_bases(), **_layer_bases()}
+
+
 #: Kinds whose eval-mode output is a per-channel affine map of the input (foldable).
 BN_KINDS = frozenset(
     {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "FrozenBatchNorm2d", "batch_norm"}
@@ -118,7 +123,7 @@ def known_base(module: nn.Module) -> tuple[type, str] | None:
         >>> known_base(nn.LazyBatchNorm2d())[1]
         'BatchNorm2d'
     """
-    table = {**_norm_bases(), **_layer_bases()}
+    table = _all_bases()
     for cls in type(module).__mro__:
         if cls in table:
             return cls, table[cls]

@@ -4,7 +4,8 @@
 when every user of the norm's output is a Linear (or an ``nn.MultiheadAttention`` whose query, key and
 value are all that output, its packed input projection being a Linear) called at one site, gamma and
 beta move into those layers and the norm loses its affine parameters. Shape queries (``x.shape``,
-``x.size()``, ``x.dim()``) do not count as users: they do not read the values. Exact up to float rounding.
+``x.size()``, ``x.dim()``; see :func:`fxnorm.plan.value_users`) do not count as users: they do not read
+the values. Exact up to float rounding.
 GroupNorm normalizes over channel dim 1: its affine part folds into (non-transposed) convs, whose
 zero padding must not see the shift (so beta must be zero, or the conv pads with no zeros).
 
@@ -36,7 +37,7 @@ import torch.nn as nn
 from .fold_math import fold_affine_into_next_linear, fold_bn_into_next_conv
 from .fold_report import FoldedNorm, FoldReport
 from .kinds import is_plain, layer_kind
-from .plan import _fetch, describe, node_norm_kind
+from .plan import _fetch, describe, node_norm_kind, value_users
 from .sites import _scope_name
 from .tracing import graph_parts
 
@@ -156,7 +157,7 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
     if isinstance(params, str):
         return AffinePlan(reason=params)
     gamma, beta, features = params
-    users = [u for u in node.users if not _shape_query(u, node)]
+    users = value_users(node)
     if not users:
         return AffinePlan(reason="its output is unused")
     for user in users:
@@ -164,16 +165,6 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
         if why is not None:
             return AffinePlan(reason=f"affine part not folded: {why}")
     return AffinePlan(gamma, beta, users)
-
-
-def _shape_query(user: fx.Node, node: fx.Node) -> bool:
-    """True for ``x.shape`` / ``x.size()`` / ``x.dim()`` and the like: they do not read the values."""
-    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
-        return False
-    if user.op == "call_method":
-        return user.target in ("size", "dim")
-    return user.op == "call_function" and user.target is getattr and user.args[1:2] in (
-        ("shape",), ("ndim",), ("dtype",), ("device",))
 
 
 def _without_affine(module: nn.Module, kind: str) -> nn.Module:

@@ -27,10 +27,17 @@ from torch.nn.parameter import is_lazy
 
 from .kinds import BN_KINDS, functional_norm_kind, has_running_stats, is_plain, layer_kind, norm_kind
 
-__all__ = ["BNConstants", "FoldPlan", "bn_constants", "plan_norm", "call_sites", "describe", "node_norm_kind"]
+__all__ = [
+    "BNConstants", "FoldPlan", "bn_constants", "plan_norm", "call_sites", "describe", "node_norm_kind",
+    "is_metadata_query", "value_users",
+]
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Dropout, nn.Identity, nn.BatchNorm1d)
+#: Tensor methods and attributes that read only a tensor's metadata, never its values. A fold keeps
+#: every one of them: a folded norm's input has its output's shape, dtype and device.
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 
 
 @dataclass
@@ -146,6 +153,40 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.name} ({node.op})"
 
 
+def is_metadata_query(user: fx.Node, node: fx.Node) -> bool:
+    """True when ``user`` only reads the metadata of ``node``'s output: ``x.shape``, ``x.size()``,
+    ``x.size(1)``, ``x.dim()``, ``x.numel()``, ``x.dtype``, ``getattr(x, "device")``... and never its
+    values, so it does not stop a fold (a folded norm's input has the same shape, dtype and device).
+
+    Example:
+        >>> import torch.fx as fx
+        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.shape[0], -1))
+        >>> x = next(iter(gm.graph.nodes))
+        >>> [(u.name, is_metadata_query(u, x)) for u in x.users]
+        [('relu', False), ('getattr_1', True)]
+    """
+    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
+        return False
+    if any(a is node for a in user.kwargs.values()):
+        return False
+    if user.op == "call_method":
+        return user.target in _METADATA_METHODS
+    return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
+            and user.args[1] in _METADATA_ATTRS)
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values: every user but :func:`is_metadata_query` ones.
+
+    Example:
+        >>> import torch.fx as fx
+        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.size(0), -1))
+        >>> [u.name for u in value_users(next(iter(gm.graph.nodes)))]
+        ['relu']
+    """
+    return [u for u in node.users if not is_metadata_query(u, node)]
+
+
 def _rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
     """The tensor rank of a node's output when it is known statically (or recorded by ShapeProp)."""
     if not isinstance(node, fx.Node) or depth > 20:
@@ -197,7 +238,7 @@ def _producer_plan(gm: fx.GraphModule, node: fx.Node, consts: BNConstants, sites
     if len(calls) > 1:
         names = ", ".join(n.name for n in calls)
         return FoldPlan(None, reason=f"producer {source.target} is called at {len(calls)} sites ({names})")
-    others = [u.name for u in source.users if u is not node]
+    others = [u.name for u in value_users(source) if u is not node]
     if others:
         return FoldPlan(None, reason=f"{source.target} output also used by {', '.join(others)}")
     out = layer.out_features if kind == "Linear" else layer.out_channels
@@ -213,7 +254,7 @@ def _producer_plan(gm: fx.GraphModule, node: fx.Node, consts: BNConstants, sites
 
 
 def _consumer_plan(gm: fx.GraphModule, node: fx.Node, consts: BNConstants, sites: dict) -> FoldPlan:
-    users = list(node.users)
+    users = value_users(node)  # shape queries move to the norm's input, which has the same shape
     if len(users) != 1:
         return FoldPlan(None, reason=f"its output has {len(users)} users")
     user = users[0]

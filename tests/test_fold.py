@@ -305,6 +305,60 @@ def test_conv_output_with_other_users_not_folded():
     assert skip.name == "bn" and "also used by" in skip.reason
 
 
+class ShapeReads(nn.Module):
+    """conv -> bn whose conv output's shape is read (``.shape``, ``.size()``, ``.dim()``, ``getattr``), and
+    bn2 -> conv2 whose norm output's size is read: shape queries do not read values, both fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3)  # no padding: the shift of bn2 may fold into it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        n, k, rank = c.shape[0], c.size(1), c.dim()
+        z = self.bn2(torch.relu(self.bn(c)))
+        h = self.conv2(z).reshape(n, -1)
+        return h[:, : k * z.size(-1)] * rank + getattr(c, "ndim") + c.numel()
+
+
+def test_shape_queries_do_not_block_folds():
+    model = randomize_norms(ShapeReads().eval()).double()
+    gm = torch.fx.symbolic_trace(model)
+    conv_users = {u.name for n in gm.graph.nodes if n.target == "conv" for u in n.users}
+    assert conv_users == {"getattr_1", "size", "dim", "bn", "getattr_2", "numel"}  # the model reads them
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    folded = check_fold(model, x, tol=1e-12, strict=True)
+    report = fold_report(folded)
+    assert {f.name: (f.mode, f.into) for f in report.folded} == {
+        "bn": ("into_producer", "conv"), "bn2": ("into_consumer", "conv2")}
+    assert report.skipped == [] and bns_left(folded) == []
+    sites = [(s.name, s.fold, s.fold_into) for s in find_norms(model)]
+    assert sites == [("bn", "into_producer", "conv"), ("bn2", "into_consumer", "conv2")]
+    x2 = torch.randn(3, 3, 10, 10, dtype=torch.float64)  # the shapes are still read at run time
+    with torch.no_grad():
+        assert rel_err(folded(x2), model(x2)) < 1e-12
+
+
+def test_norm_affine_ignores_shape_queries():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(6)
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.ln(x)
+            return self.fc(h).reshape(h.shape[0], -1) * h.size(-1)
+
+    model = randomize_norms(Block().eval()).double()
+    folded = check_fold(model, torch.randn(2, 3, 6, dtype=torch.float64), tol=1e-12, norm_affine=True)
+    assert [(f.name, f.into) for f in fold_report(folded).folded] == [("ln", "fc")]
+    assert folded.get_submodule("ln").weight is None
+
+
 def test_unknown_bn_subclass_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BNTimesTwo(4)).eval()
     folded = check_fold(model, torch.randn(1, 3, 5, 5))

@@ -74,10 +74,16 @@ def _as(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _new_weight(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``weight * factor`` (factor broadcasts) computed in ``dtype``, returned with weight's dtype and strides."""
+    """``weight * factor`` (factor broadcasts) computed in ``dtype``, returned with weight's dtype and strides.
+
+    One new weight-sized tensor when ``weight`` is already in ``dtype`` (the product is written straight
+    into it), plus the one upcast copy the maths needs otherwise (scaled in place, then cast into the
+    result). ``weight`` itself is never written: during :func:`fxnorm.fold` it is the user's tensor.
+    """
     out = torch.empty_like(weight)  # preserve_format: same strides for dense weights
-    out.copy_(weight.to(dtype) * factor)
-    return out
+    if weight.dtype == dtype:
+        return torch.mul(weight, factor.to(dtype), out=out)
+    return out.copy_(weight.to(dtype, copy=True).mul_(factor))
 
 
 def _per_channel(factor: Tensor, ndim: int) -> Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxnorm import fold_math
 from fxnorm.errors import FoldError
@@ -145,6 +146,46 @@ def test_reduced_precision(dtype: torch.dtype, transposed: bool) -> None:
     ref = bn32(conv32(x)).detach()
     fn = F.conv_transpose2d if transposed else F.conv2d
     assert rel_err(fn(x, w.float(), b.float(), groups=2), ref) < 1e-2
+
+
+class WeightSizedAllocations(TorchDispatchMode):
+    """Counts the new tensors of at least ``numel`` elements that ATen ops return (outputs that share
+    storage with an input, such as ``out=`` and in-place results, are not new)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        ptrs = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in ptrs:
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("weight_dtype,scale_dtype,copies", [
+    (torch.float32, torch.float32, 1),   # the folded weight only
+    (torch.float64, torch.float64, 1),
+    (torch.float32, torch.float64, 2),   # the folded weight and the float64 copy the maths needs
+    (torch.bfloat16, torch.float32, 2),  # the folded weight and the float32 copy the maths needs
+])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_folded_weight_is_computed_without_an_extra_copy(weight_dtype, scale_dtype, copies, fmt) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 8, 3, 3, generator=gen).to(weight_dtype).to(memory_format=fmt)
+    scale, shift = (torch.rand(16, generator=gen) + 0.5).to(scale_dtype), torch.randn(16, generator=gen)
+    before = weight.clone()
+    with WeightSizedAllocations(weight.numel()) as mode:
+        w, b = fold_bn_into_conv(weight, None, scale, shift)
+    assert mode.count == copies
+    compute = torch.promote_types(torch.promote_types(weight_dtype, torch.float32), scale_dtype)
+    assert torch.equal(w, (weight.to(compute) * scale.to(compute)[:, None, None, None]).to(weight_dtype))
+    assert w.dtype == weight_dtype and w.stride() == weight.stride()
+    assert torch.equal(weight, before) and w.data_ptr() != weight.data_ptr()  # the input is never written
 
 
 def test_linear_then_bn() -> None:

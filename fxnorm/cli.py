@@ -17,14 +17,14 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import FxNormError
+from .errors import FxNormError, MissingExtraError
 from .loading import MODEL_FORMS, UnknownModelError, default_input_shape, example_inputs, load_model, load_weights
 from .loading import save_model
 from .render import format_summary, format_table, format_untraced, report_dict, summarize
@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing saved) if any batch norm cannot fold")
     p.add_argument("--norm-affine", action="store_true",
                    help="also fold the affine part of LayerNorm/GroupNorm/RMSNorm into the layer after it")
-    for flag, (_, what) in _EXPORTERS.items():
-        p.add_argument(f"--{flag}", metavar="FILE", help=what)
+    for flag, exporter in _EXPORTERS.items():
+        p.add_argument(f"--{flag}", metavar="FILE", help=exporter.help)
     p.set_defaults(run=_fold)
 
     p = sub.add_parser("recalibrate", help="recompute batch norm statistics from calibration data",
@@ -317,9 +317,15 @@ def _inspect(args: argparse.Namespace, console: _Console) -> int:
 
 # -------------------------------------------------------------------------------------------- fold
 
-#: Extra outputs of ``fxnorm fold``: flag -> (writer(folded, inputs, path), help). Writers raise
-#: FxNormError on failure; they come from :mod:`fxnorm.export`.
-_EXPORTERS: dict[str, tuple[Callable[[nn.Module, tuple, str], None], str]] = {}
+@dataclass(frozen=True)
+class _Exporter:
+    """An extra output of ``fxnorm fold``: ``write(folded, inputs, path)`` raises FxNormError on failure;
+    ``require()`` raises :class:`fxnorm.errors.MissingExtraError` when a package it needs is missing,
+    and runs before anything is loaded or written."""
+
+    write: Callable[[nn.Module, tuple, str], None]
+    help: str
+    require: Callable[[], Any] | None = None
 
 
 def _export_program(model: nn.Module, inputs: tuple, path: str) -> None:
@@ -334,16 +340,38 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: str) -> None:
     export_onnx(model, inputs, path)
 
 
-_EXPORTERS["export"] = (_export_program, "also save a torch.export program of the folded model (.pt2)")
-_EXPORTERS["onnx"] = (_export_onnx, "also export the folded model to ONNX (needs the onnx extra)")
+def _require_onnx() -> Any:
+    from .export import require_onnx
+
+    return require_onnx(dynamo=True)  # what _export_onnx uses
+
+
+#: Extra outputs of ``fxnorm fold`` by flag; the writers come from :mod:`fxnorm.export`.
+_EXPORTERS: dict[str, _Exporter] = {
+    "export": _Exporter(_export_program, "also save a torch.export program of the folded model (.pt2)"),
+    "onnx": _Exporter(_export_onnx, "also export the folded model to ONNX (needs the onnx extra)", _require_onnx),
+}
+
+
+def _check_extras(exports: dict[str, str]) -> None:
+    """Fail before loading or writing anything when an export asked for needs a missing extra."""
+    for flag, path in exports.items():
+        require = _EXPORTERS[flag].require
+        if require is None:
+            continue
+        try:
+            require()
+        except MissingExtraError as err:
+            raise MissingExtraError(f"--{flag} {path}: {err}; nothing was loaded or saved") from err
 
 
 def _fold(args: argparse.Namespace, console: _Console) -> int:
     from .fold import fold, fold_report
 
+    exports = {flag: getattr(args, flag) for flag in _EXPORTERS if getattr(args, flag, None)}
+    _check_extras(exports)
     model, name, device = _load(args, console)
     output = args.output or f"{name}-folded.pt"
-    exports = {flag: getattr(args, flag) for flag in _EXPORTERS if getattr(args, flag, None)}
     need_inputs = args.check or args.input_shape is not None or bool(exports)
     inputs = _inputs(model, args.input_shape, device, "--check/--export/--onnx") if need_inputs else None
     for path in (output, *exports.values()):
@@ -378,7 +406,7 @@ def _fold(args: argparse.Namespace, console: _Console) -> int:
         save_model(folded, output)
         console.log(f"saved {output}")
         for flag, path in exports.items():
-            _EXPORTERS[flag][0](folded, inputs, path)  # type: ignore[arg-type]
+            _EXPORTERS[flag].write(folded, inputs, path)  # type: ignore[arg-type]
             console.log(f"saved {path}")
 
     if args.format == "json":

@@ -21,6 +21,7 @@ __all__ = [
     "CalibrationError",
     "ModelLoadError",
     "DataError",
+    "MissingExtraError",
 ]
 
 
@@ -46,3 +47,11 @@ class ModelLoadError(FxNormError):
 
 class DataError(FxNormError):
     """Calibration data could not be read or is unusable (empty, NaN/Inf, wrong shape)."""
+
+
+class MissingExtraError(FxNormError, ImportError):
+    """An optional dependency (an extra such as ``fxnorm[onnx]`` or ``fxnorm[quant]``) is not installed.
+
+    Also an ``ImportError``, so code that guards an optional import keeps working; the message names
+    the missing package and the ``pip install`` command that adds it.
+    """

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import FoldError, FxNormError, TraceError
+from .errors import FoldError, FxNormError, MissingExtraError, TraceError
 from .fold import fold
 from .fold_report import FoldReport, SkippedNorm, fold_report
 from .kinds import BN_KINDS, norm_kind
@@ -37,6 +37,7 @@ from .kinds import BN_KINDS, norm_kind
 __all__ = [
     "BATCH_NORM_OPS", "NORM_OPS", "MissingExtraError", "batch_norm_nodes", "count_batch_norm_ops",
     "norms_with_affine", "skipped_batch_norms", "export_folded", "export_onnx", "export_for_quantization",
+    "require_onnx",
 ]
 
 #: ATen batch-norm ops (overload packets) that ``torch.export`` can leave in a graph, before and after
@@ -49,10 +50,6 @@ BATCH_NORM_OPS: frozenset[str] = frozenset({
     "aten._batch_norm_no_update", "aten.cudnn_batch_norm", "aten.miopen_batch_norm",
 })
 _FUNCTIONS = (F.batch_norm, torch.batch_norm)
-
-
-class MissingExtraError(FxNormError, ImportError):
-    """An optional dependency (an extra such as ``fxnorm[onnx]`` or ``fxnorm[quant]``) is not installed."""
 
 
 def _op_name(target: Any) -> str:
@@ -290,6 +287,25 @@ def _require(module: str, extra: str) -> Any:
         raise MissingExtraError(f"{module} is not installed: pip install 'fxnorm[{extra}]'") from err
 
 
+def require_onnx(dynamo: bool = True) -> Any:
+    """The ``onnx`` module, once every package :func:`export_onnx` needs is known to import (``onnx``,
+    and ``onnxscript`` for the dynamo exporter). Call it before doing work whose result would be lost
+    (the CLI checks ``--onnx`` before it loads or writes anything).
+
+    Raises:
+        MissingExtraError: a package of the ``onnx`` extra is missing; the message gives the
+            ``pip install`` command.
+
+    Example:
+        >>> require_onnx().__name__  # doctest: +SKIP
+        'onnx'
+    """
+    onnx = _require("onnx", "onnx")
+    if dynamo:
+        _require("onnxscript", "onnx")
+    return onnx
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: tuple,
@@ -333,9 +349,7 @@ def export_onnx(
     if dynamic_shapes is not None and not dynamo:
         raise FxNormError("dynamic_shapes is for the dynamo exporter: pass dynamo=True (the TorchScript "
                           "exporter, dynamo=False, exports fixed shapes here)")
-    onnx = _require("onnx", "onnx")
-    if dynamo:
-        _require("onnxscript", "onnx")
+    onnx = require_onnx(dynamo)
     args = _args(example_inputs)
     folded, _ = _folded(model, fold_options, args)  # export_onnx has no strict of its own: strict= is fold's
     try:

@@ -71,4 +71,34 @@ def test_fold_onnx_without_the_extra_names_it(capsys: pytest.CaptureFixture, tmp
     code, out, err = _run(capsys, "fold", str(source), "-o", str(tmp_path / "folded.pt"),
                           "--input-shape", "2,3,8,8", "--onnx", str(tmp_path / "m.onnx"))
     assert code == 1 and "pip install 'fxnorm[onnx]'" in err and "Traceback" not in err
-    assert not (tmp_path / "m.onnx").exists()
+    assert out == "" and "loading" not in err  # checked before the model is even loaded
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "folded.pt").exists()
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript"])
+def test_fold_onnx_checks_the_extra_before_writing(capsys: pytest.CaptureFixture, tmp_path, monkeypatch,
+                                                   missing: str) -> None:
+    import fxnorm.export
+    from fxnorm.errors import FxNormError, MissingExtraError
+
+    asked: list[str] = []
+
+    def fake_require(module: str, extra: str) -> object:
+        asked.append(module)
+        if module == missing:
+            raise MissingExtraError(f"{module} is not installed: pip install 'fxnorm[{extra}]'")
+        return object()
+
+    monkeypatch.setattr(fxnorm.export, "_require", fake_require)
+    assert issubclass(MissingExtraError, FxNormError) and issubclass(MissingExtraError, ImportError)
+    assert fxnorm.export.MissingExtraError is MissingExtraError  # still importable from fxnorm.export
+    source = tmp_path / "mixed.pt"
+    torch.save(_mixed(), source)
+    onnx_path, pt_path = tmp_path / "m.onnx", tmp_path / "folded.pt"
+    code, out, err = _run(capsys, "fold", str(source), "-o", str(pt_path), "--check", "--format", "json",
+                          "--input-shape", "2,3,8,8", "--export", str(tmp_path / "m.pt2"), "--onnx", str(onnx_path))
+    assert code == 1 and out == ""
+    assert err.splitlines()[0] == (f"fxnorm: error: --onnx {onnx_path}: {missing} is not installed: "
+                                   "pip install 'fxnorm[onnx]'; nothing was loaded or saved")
+    assert asked == ["onnx", "onnxscript"][: asked.index(missing) + 1]  # the dynamo exporter needs both
+    assert list(tmp_path.iterdir()) == [source]  # no .pt, .pt2 or .onnx written

@@ -11,8 +11,8 @@ Example:
     >>> from fxnorm.observers import NormTarget, Session
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     >>> root = build_prepared(model, [NormTarget.for_module("1", model[1])], Session())[0]
-    >>> [n.target for n in root.graph.nodes if n.op == "call_module"]
-    ['0', '_fxnorm_observer_0']
+    >>> [n.target for n in root.graph.nodes if n.op == "call_module"]   # the conv's bias gets a shift
+    ['_fxnorm_shifted_1', '_fxnorm_observer_0']
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module_mod
 
 from .calib_data import batch_size
 from .errors import CalibrationError
@@ -33,7 +34,7 @@ from .kinds import is_plain
 from .observers import NormObserver, NormTarget, Session
 from .tracing import graph_parts, trace
 
-__all__ = ["PreparedState", "state_of", "build_prepared", "install_forward", "set_training"]
+__all__ = ["PreparedState", "ShiftedProducer", "state_of", "build_prepared", "install_forward", "set_training"]
 
 STATE_ATTR = "_fxnorm_calibration"
 _BN_FUNCS = {F.batch_norm: False, torch.batch_norm: True}
@@ -41,6 +42,12 @@ _IN_FUNCS = {F.instance_norm: False, torch.instance_norm: True}
 # argument order of F.batch_norm / F.instance_norm after the input; torch.* put weight and bias first
 _F_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _TORCH_ORDER = ("weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+# producers whose output is a new tensor that only the graph holds: an observer may normalize over it
+_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
+_SHIFTABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # calls whose bias can take a shift
+_FRESH_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                    F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
 
 
 @dataclass(eq=False)
@@ -105,6 +112,65 @@ def install_forward(root: nn.Module, state: PreparedState) -> None:
                 session.failed = f"the forward of batch {session.batch} raised"
 
     root.__dict__["forward"] = forward
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones) that must see its real output."""
+    own = (module._forward_hooks, module._forward_pre_hooks, getattr(module, "_forward_hooks_with_kwargs", None))
+    shared = (getattr(_module_mod, "_global_forward_hooks", None),
+              getattr(_module_mod, "_global_forward_pre_hooks", None))
+    return any(own) or any(shared)
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # older torch: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
+
+
+class ShiftedProducer(nn.Module):
+    """Calls a conv/linear whose output only a batch-norm observer reads with its bias minus the
+    observer's ``shift`` (the previous batch's mean of that norm's input), so the observer's sums are
+    taken about a point near the mean (no float32 cancellation, no recentring pass). The observer
+    normalizes the shifted input with its own statistics, which gives the same output, and adds the
+    shift back to the mean it records. The shift changes the norm's input only by float32/float64
+    rounding of values near the mean. The first batch, a producer with hooks, and reduced-precision
+    or autocast runs are not shifted.
+
+    Example:
+        >>> from fxnorm.observers import NormObserver, NormTarget, Session
+        >>> conv, bn = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)
+        >>> obs = NormObserver(NormTarget.for_module("bn", bn), Session(), module=bn)
+        >>> call = ShiftedProducer(conv, obs)
+        >>> x = torch.randn(2, 1, 3, 3)
+        >>> torch.equal(call(x), conv(x)), obs.shifted             # no shift before the first batch
+        (True, False)
+        >>> obs.__dict__["shift"] = torch.tensor([1.0, -2.0])
+        >>> torch.allclose(call(x), conv(x) - torch.tensor([1.0, -2.0]).view(1, -1, 1, 1)), obs.shifted
+        (True, True)
+    """
+
+    def __init__(self, producer: nn.Module, observer: NormObserver) -> None:
+        super().__init__()
+        self.__dict__["producer"] = producer  # the user's module: not registered a second time
+        self.__dict__["observer"] = observer
+
+    def extra_repr(self) -> str:
+        return f"{type(self.producer).__name__}, bias shifted for {self.observer.target.name!r}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        producer, observer = self.producer, self.observer
+        weight, shift = producer.weight, observer.shift
+        if shift is None or shift.dtype != weight.dtype or shift.device != weight.device or _hooked(producer) \
+                or _autocast(weight.device.type):
+            observer.shifted = False
+            return producer(input)
+        bias = -shift if producer.bias is None else producer.bias - shift
+        observer.shifted = True
+        if isinstance(producer, nn.Linear):
+            return F.linear(input, weight, bias)
+        return producer._conv_forward(input, weight, bias)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -196,6 +262,7 @@ class _Rewriter:
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
         self.inplace_adds(gm)
+        self.mark_overwrites(gm)
         graph.lint()
         gm.recompile()
 
@@ -213,10 +280,30 @@ class _Rewriter:
                     node.args = (arg, node.args[1 - i])
                     break
 
-    def add(self, gm: fx.GraphModule, observer: NormObserver) -> str:
-        name = f"_fxnorm_observer_{self.count}"
+    def mark_overwrites(self, gm: fx.GraphModule) -> None:
+        """Let observers write their output over their input when it is a conv/linear output that
+        nothing else reads (saves a new tensor and half the normalization's memory traffic)."""
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not str(node.target).startswith("_fxnorm_observer_") or not node.args:
+                continue
+            source = node.args[0]
+            if not isinstance(source, fx.Node) or len(source.users) != 1:
+                continue
+            producer = gm.get_submodule(str(source.target)) if source.op == "call_module" else None
+            if producer is not None and type(producer) in _FRESH_MODULES \
+                    or source.op == "call_function" and any(source.target is f for f in _FRESH_FUNCTIONS):
+                observer = gm.get_submodule(str(node.target))
+                observer.overwrite_input = True
+                observer.__dict__["producer"] = producer
+                if type(producer) in _SHIFTABLE and not observer.target.instance and len(source.args) == 1 \
+                        and not source.kwargs:
+                    source.target = self.add(gm, ShiftedProducer(producer, observer), "_fxnorm_shifted_")
+                    observer.shiftable = True
+
+    def add(self, gm: fx.GraphModule, module: nn.Module, prefix: str = "_fxnorm_observer_") -> str:
+        name = f"{prefix}{self.count}"
         self.count += 1
-        gm.add_submodule(name, observer)
+        gm.add_submodule(name, module)
         return name
 
     def eager(self, module: nn.Module) -> None:

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _module_mod
 
 from .errors import CalibrationError, DataError
 from .stats import ChannelMoments
@@ -89,6 +90,8 @@ class NormTarget:
     skipped: int = 0  #: calls with one value per channel (normalized with the old statistics, not counted)
     moments: ChannelMoments = field(init=False)
     _rows: Tensor | None = field(default=None, init=False, repr=False)
+    _sums: tuple[Tensor, ...] | None = field(default=None, init=False, repr=False)
+    _views: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list, init=False, repr=False)
     _counts: list[int] = field(default_factory=list, init=False, repr=False)
     _batches: list[int] = field(default_factory=list, init=False, repr=False)
     _ddof: list[int] = field(default_factory=list, init=False, repr=False)
@@ -124,17 +127,28 @@ class NormTarget:
         return self.moments.count
 
     # -- batch-norm fast path ----------------------------------------------------------------
-    def slot(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Two scratch rows (mean, unbiased var) for the next batch's statistics."""
+    def slot(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The scratch row ``(2, C)`` for the next batch's statistics, and its mean and variance views."""
         rows = self._rows
         if rows is None or rows.device != device or rows.dtype != dtype:
             self.flush()
             with torch.inference_mode(False):  # a normal tensor: updatable in and out of inference mode
-                rows = self._rows = torch.zeros(2, ROWS, self.num_channels, device=device, dtype=dtype)
+                rows = self._rows = torch.zeros(ROWS, 2, self.num_channels, device=device, dtype=dtype)
+                self._views = [(row, *row.unbind(0)) for row in rows.unbind(0)]  # made once: views cost time
         elif len(self._counts) == ROWS:
             self.flush()
-        r = len(self._counts)
-        return rows[0, r], rows[1, r]
+        return self._views[len(self._counts)]
+
+    def plane_sums(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """A reusable ``(2, batch, C)`` buffer for per-(sample, channel) sums and sums of squares, its
+        two halves, and a reusable ``(2, C)`` buffer in ``dtype`` (statistics for the normalization)."""
+        sums = self._sums
+        if sums is None or sums[0].shape[1] != batch or sums[0].device != device or sums[0].dtype != dtype:
+            with torch.inference_mode(False):
+                both = torch.empty(2, batch, self.num_channels, device=device, dtype=dtype)
+                stats = torch.empty(2, self.num_channels, device=device, dtype=dtype)
+                sums = self._sums = (both, *both.unbind(0), stats, *stats.unbind(0))
+        return sums
 
     def commit(self, n: int, batch: int, unbiased: bool) -> None:
         """Record that the last :meth:`slot` now holds the mean and variance (unbiased or biased) of
@@ -149,7 +163,7 @@ class NormTarget:
         k = len(self._counts)
         if not k or self._rows is None:
             return None
-        finite = torch.isfinite(self._rows[:, :k]).all(dim=2).all(dim=0)
+        finite = torch.isfinite(self._rows[:k]).all(dim=2).all(dim=1)
         if bool(finite.all()):
             return None
         return self._batches[int((~finite).nonzero()[0, 0])]
@@ -158,7 +172,7 @@ class NormTarget:
         """The error for NaN/Inf statistics in ``batch`` (names the batch, the layer and channels)."""
         row = self._batches.index(batch)
         assert self._rows is not None
-        bad = ~torch.isfinite(self._rows[:, row]).all(dim=0)
+        bad = ~torch.isfinite(self._rows[row]).all(dim=0)
         channels = bad.nonzero().flatten().tolist()
         return NonFiniteStatistics(
             f"batch {batch}: the input of norm '{self.label}' has NaN/Inf statistics in channel(s) "
@@ -177,8 +191,8 @@ class NormTarget:
         rows = self._rows
         assert rows is not None
         dev = self.moments.device
-        means = rows[0, :k].to(dev, torch.float64)
-        variances = rows[1, :k].to(dev, torch.float64)
+        means = rows[:k, 0].to(dev, torch.float64)
+        variances = rows[:k, 1].to(dev, torch.float64)
         n = torch.tensor(self._counts, dtype=torch.float64, device=dev).unsqueeze(1)
         ddof = torch.tensor(self._ddof, dtype=torch.float64, device=dev).unsqueeze(1)
         total = sum(self._counts)
@@ -221,17 +235,35 @@ def _sum_squares(planes: Tensor, acc: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(planes, 2, -1, dtype=acc).square().sum(0, dtype=torch.float64)
 
 
-def _centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype) -> Tensor:
+def _centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype, *, writable: bool = False) -> Tensor:
     """Per-channel biased variance of ``planes`` from squares about ``mean`` rounded to ``acc``.
 
-    The centred copy is made a few samples at a time (about :data:`_CHUNK` elements), so it stays
-    in cache and the peak memory stays near an eval forward's."""
+    ``writable``: ``planes`` is a scratch copy, centred in place. Otherwise the centred copy is made a
+    few samples at a time (about :data:`_CHUNK` elements), so it stays in cache and the peak memory
+    stays near an eval forward's."""
     shift = mean.to(acc)
     delta = mean - shift.double()
-    step = max(1, _CHUNK // max(1, planes[0].numel()))
     view = shift.view(1, -1, 1)
-    squares = sum(_sum_squares(chunk - view, acc) for chunk in planes.split(step))
+    if writable:
+        squares = _sum_squares(planes.sub_(view), acc)
+    else:
+        step = max(1, _CHUNK // max(1, planes[0].numel()))
+        squares = sum(_sum_squares(chunk - view, acc) for chunk in planes.split(step))
     return (squares / n - delta.square()).clamp_min_(0)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether global module forward hooks are registered (they may keep any module's output)."""
+    return bool(getattr(_module_mod, "_global_forward_hooks", None))
+
+
+def _normalize_in_place(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                        eps: float, empty: Tensor | None = None) -> Tensor:
+    """Eval-mode batch norm written over ``x`` itself (half the memory traffic of a new output).
+    ``empty``: a size-0 tensor for the unused saved statistics (made when not given)."""
+    empty = x.new_empty(0) if empty is None else empty
+    return torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, eps,
+                                                out=x, save_mean=empty, save_invstd=empty)[0]
 
 
 _FUNCTIONAL_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -257,9 +289,26 @@ class NormObserver(nn.Module):
         self.__dict__["target"] = target
         self.__dict__["session"] = session
         self.__dict__["norm"] = module
+        #: set by :func:`fxnorm.prepare` when the input is a fresh conv/linear output that nothing else
+        #: reads: the normalized output is then written over it (see :meth:`_may_overwrite`)
+        self.overwrite_input = False
+        self.__dict__["producer"] = None  # the module that made the input (its hooks are checked)
+        #: per-channel constant the producer subtracted from this call's input (see
+        #: :class:`fxnorm.calib_graph.ShiftedProducer`): the last batch mean, so sums are well centred
+        self.__dict__["shift"] = None
+        self.shifted = False  # whether the input in flight was shifted (set by the producer, per call)
+        self.shiftable = False  # whether the producer can shift (a ShiftedProducer feeds this observer)
+        self.__dict__["_empty"] = None  # size-0 outputs for the in-place kernel's unused saved statistics
 
     def extra_repr(self) -> str:
         return f"{self.target.name!r} ({self.target.kind})"
+
+    def norm_input(self, input: Tensor) -> Tensor:
+        """What the norm itself would receive for ``input`` (the call in flight): ``input`` plus the
+        shift its producer subtracted, if any. For inspection (e.g. from a forward pre-hook)."""
+        if not self.shifted or self.shift is None:
+            return input
+        return input + self.shift.view(-1, *([1] * (input.dim() - 2))).to(input.dtype)
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         target, session = self.target, self.session
@@ -279,45 +328,74 @@ class NormObserver(nn.Module):
             return self._instance(input, weight, bias, eps, mean, var)
         channels = target.num_channels
         n = input.numel() // channels if input.dim() >= 2 else 0
+        shift = self.shift if self.shifted else None
+        self.shifted = False
         if n <= 1:  # one value per channel: training mode cannot normalize it (PyTorch raises)
             target.skipped += 1
-            return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
+            return F.batch_norm(input, mean if shift is None else mean - shift, var, weight, bias, False, 0.0, eps)
         dtype = _float_params(input.dtype)
         weight, bias = _cast(weight, dtype), _cast(bias, dtype)
         planes = input.device.type == "cpu" and input.is_contiguous()
         if planes:
             out = self._planes(input, weight, bias, eps, n, dtype)
         else:
-            row_mean, row_var = target.slot(input.device, dtype)
+            _, row_mean, row_var = target.slot(input.device, dtype)
             out = torch.batch_norm(input, weight, bias, row_mean, row_var, True, 1.0, eps,
                                    torch.backends.cudnn.enabled)
+        if shift is not None or planes and self.shiftable and input.dtype in (torch.float32, torch.float64):
+            _, row_mean, _ = target.slot(input.device, torch.float64 if planes else dtype)
+            if shift is None:  # the next batches are shifted by the last batch mean
+                with torch.inference_mode(False):
+                    self.__dict__["shift"] = row_mean.to(input.dtype, copy=True)
+            else:  # statistics of input + shift
+                shift.copy_(row_mean.add_(shift))
         target.commit(n, session.batch, unbiased=not planes)
         return out
 
     def _planes(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, n: int,
                 acc: torch.dtype) -> Tensor:
-        """CPU, contiguous: per-(sample, channel) sums and sums of squares (fast contiguous reductions)
-        pooled in float64, then one eval-mode normalization pass: cheaper than the CPU training kernel.
+        """CPU, contiguous: per-(sample, channel) sums and sums of squares (two fast contiguous
+        reductions into a reused buffer) pooled in float64, then one eval-mode normalization pass,
+        written over the input when nothing else reads it (:attr:`overwrite_input`). Cheaper than the
+        CPU training kernel, and few small operations per call.
+
         Uncentred float32 squares cancel: their variance error is about 1e-7 * (1 + mean^2 / var). The
         channels whose mean exceeds sqrt(3) standard deviations get their squares taken about the batch
         mean (a copy of those channels, or of all when they are more than a quarter, made in cache-sized
         chunks), which keeps the error near 1e-7."""
         target = self.target
-        planes = input.detach().view(input.shape[0], target.num_channels, -1)  # statistics need no autograd
-        mean = planes.sum(-1, dtype=acc).sum(0, dtype=torch.float64) / n
-        sq = mean.square()
-        var = _sum_squares(planes, acc) / n - sq
-        bad = sq > var * _CANCEL
+        planes = (input.detach() if input.requires_grad else input).view(input.shape[0], target.num_channels, -1)
+        both, sums, squares, stats, stat_mean, stat_var = target.plane_sums(planes.shape[0], input.device, acc)
+        torch.sum(planes, -1, dtype=acc, out=sums)
+        torch.linalg.vector_norm(planes, 2, -1, dtype=acc, out=squares).square_()
+        row, mean, var = target.slot(input.device, torch.float64)
+        torch.sum(both, 1, dtype=torch.float64, out=row).div_(n)  # mean, mean of squares
+        limit = var * (1 / (1 + _CANCEL))
+        var.addcmul_(mean, mean, value=-1)  # mean of squares - mean^2
+        bad = var < limit  # mean^2 > _CANCEL * var
         if bool(bad.any()):  # cancellation: squares about the mean for these channels
-            channels = bad.nonzero().flatten()
+            channels = bad.nonzero().squeeze(1)
             if 4 * channels.numel() <= target.num_channels:
-                var[channels] = _centred_variance(planes.index_select(1, channels), mean[channels], n, acc)
+                var.index_put_((channels,), _centred_variance(planes.index_select(1, channels), mean[channels], n, acc,
+                                                              writable=True))
             else:
-                var = _centred_variance(planes, mean, n, acc)
-        row_mean, row_var = target.slot(input.device, torch.float64)
-        row_mean.copy_(mean)
-        row_var.copy_(var)
-        return torch.batch_norm(input, weight, bias, mean.to(acc), var.to(acc), False, 0.0, eps, False)
+                var.copy_(_centred_variance(planes, mean, n, acc))
+        stats.copy_(row)
+        if self.overwrite_input and self._may_overwrite(input):
+            empty = self._empty
+            if empty is None or empty.dtype != acc or empty.device != input.device:
+                with torch.inference_mode(False):
+                    empty = self.__dict__["_empty"] = input.new_empty(0, dtype=acc)
+            return _normalize_in_place(input, weight, bias, stat_mean, stat_var, eps, empty)
+        return torch.batch_norm(input, weight, bias, stat_mean, stat_var, False, 0.0, eps, False)
+
+    def _may_overwrite(self, input: Tensor) -> bool:
+        """The input can take the output: no autograd, a float dtype the kernel writes exactly, and no
+        forward hook that could have kept a reference to the producer's output."""
+        producer = self.producer
+        return (not input.requires_grad and input.dtype in (torch.float32, torch.float64)
+                and not (producer is not None and (producer._forward_hooks or producer._forward_hooks_with_kwargs))
+                and not _global_forward_hooks())
 
     def _instance(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                   mean: Tensor, var: Tensor) -> Tensor:

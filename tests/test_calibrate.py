@@ -84,7 +84,8 @@ def capture(prepared: nn.Module) -> dict[str, list[torch.Tensor]]:
     for m in prepared.modules():
         if isinstance(m, NormObserver):
             seen.setdefault(m.target.name, [])
-            m.register_forward_pre_hook(lambda mod, args: seen[mod.target.name].append(args[0].detach().clone()))
+            m.register_forward_pre_hook(
+                lambda mod, args: seen[mod.target.name].append(mod.norm_input(args[0].detach()).clone()))
     return seen
 
 

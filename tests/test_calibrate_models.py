@@ -88,7 +88,8 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
     seen: dict[str, list[torch.Tensor]] = {}
     for m in prepared.modules():
         if isinstance(m, NormObserver):
-            m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(args[0].detach()))
+            m.register_forward_pre_hook(
+                lambda mod, args: seen.setdefault(mod.target.name, []).append(mod.norm_input(args[0].detach()).clone()))
     with torch.inference_mode():
         for batch in batches:
             prepared(batch[0])

@@ -18,7 +18,9 @@ Usage::
     python examples/benchmarks/bench_recalibrate.py --json examples/benchmarks/results/recalibrate.json
 
 Ratios are medians over ``--rounds`` rounds; in each round every method runs once, in a rotating
-order, so that machine noise hits them alike.
+order, so that machine noise hits them alike. Every method keeps its own copy of the model across the
+rounds (all equally warm in the caches: a freshly copied model runs its first pass ~4% slower); the
+result of a recalibration does not depend on the statistics it starts from.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +41,12 @@ import torchvision
 from tabulate import tabulate
 from torch.optim.swa_utils import update_bn
 
-import fxnorm.calibrate as calibrate
-from fxnorm.select import stat_norms
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+import fxnorm.calibrate as calibrate  # noqa: E402
+from fxnorm.select import stat_norms  # noqa: E402
 
 
 COLUMNS = """columns: img_s = images per second (wall clock); throughput_vs_eval = the method's throughput over a
@@ -47,7 +55,8 @@ machine); fxnorm_speedup / fxnorm_cpu_speedup = fxnorm's throughput over the met
 var_rel_err = worst channel of any norm against float64 statistics of the inputs each norm receives in a
 reference forward (norms in training mode, every other module in eval mode; deep random networks amplify
 float32 rounding between two forwards by ~1e-6); own_inputs_var_rel_err = fxnorm against the inputs its
-own observers received (the estimator's error alone);
+own observers received (the estimator's error alone); columns without a suffix are on the unshuffled
+(drifting) loader, "_shuffled" on the same images shuffled;
 peak_mb = peak tensor memory allocated during the call (CPU: PyTorch profiler's allocation records; CUDA:
 allocator peak)"""
 
@@ -66,9 +75,17 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def make_batches(n: int, batch: int, size: int, device: str) -> list[torch.Tensor]:
+    """Unshuffled batches: batch ``i`` is offset by ``0.1 * i`` (a drifting stream), the last one short."""
     gen = torch.Generator().manual_seed(1)
-    sizes = [batch] * (n - 1) + [max(2, batch // 4)]  # unshuffled and drifting, with a short last batch
+    sizes = [batch] * (n - 1) + [max(2, batch // 4)]
     return [(torch.randn(b, 3, size, size, generator=gen) + 0.1 * i).to(device) for i, b in enumerate(sizes)]
+
+
+def shuffled(batches: list[torch.Tensor], seed: int = 2) -> list[torch.Tensor]:
+    """The same images in a random order, cut into batches of the same sizes (a shuffled loader)."""
+    images = torch.cat(batches)
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed)).to(images.device)
+    return list(images[order].split([b.shape[0] for b in batches]))
 
 
 def reference(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -105,7 +122,7 @@ def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[floa
     for m in prepared.modules():
         if isinstance(m, NormObserver):
             m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(
-                args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1).cpu()))
+                mod.norm_input(args[0].detach()).double().transpose(0, 1).reshape(args[0].shape[1], -1).cpu()))
     with torch.inference_mode():
         for b in batches:
             prepared(b)
@@ -182,7 +199,6 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     base = randomize_norms(getattr(torchvision.models, name)(weights=None).eval()).to(args.device)
     batches = make_batches(args.batches, args.batch_size, args.size, args.device)
     images = sum(b.shape[0] for b in batches)
-    ref = reference(base, batches)
     todo = methods(batches)
     keys = list(todo)
     times: dict[str, list[float]] = {k: [] for k in todo}
@@ -199,28 +215,46 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             sync(args.device)
             times[k].append(time.perf_counter() - start)
             cpu[k].append(time.process_time() - start_cpu)
-            if k != "eval forward":
-                errors[k] = stats_error(model, ref)
-                models[k] = copy.deepcopy(base)
+    # errors after the timing: the float64 captures of the reference allocate (and free) gigabytes,
+    # which changes how the allocator serves the timed forwards afterwards
+    ref = reference(base, batches)
+    for k in keys:
+        if k != "eval forward":  # recalibration does not depend on the statistics it starts from
+            errors[k] = stats_error(models[k], ref)
     wall = {k: statistics.median(v) for k, v in times.items()}
     work = {k: statistics.median(v) for k, v in cpu.items()}
     ev, fx = "eval forward", "fxnorm.recalibrate"
     own = estimator_error(copy.deepcopy(base), batches)
+    mixed = shuffled(batches)
+    mixed_ref = reference(base, mixed)
+    mixed_errors: dict[str, tuple[float, float]] = {}
+    for k in keys:
+        if k != ev:
+            model = copy.deepcopy(base)
+            methods(mixed)[k](model)
+            mixed_errors[k] = stats_error(model, mixed_ref)
+    own_mixed = estimator_error(copy.deepcopy(base), mixed)
     rows = []
     for k in keys:
         mean_err, var_err = errors.get(k, (None, None))
+        mixed_mean_err, mixed_var_err = mixed_errors.get(k, (None, None))
         rows.append({
             "model": name, "method": k, "img_s": round(images / wall[k], 2),
             "throughput_vs_eval": round(wall[ev] / wall[k], 3), "cpu_time_vs_eval": round(work[ev] / work[k], 3),
             "fxnorm_speedup": round(wall[k] / wall[fx], 3), "fxnorm_cpu_speedup": round(work[k] / work[fx], 3),
             "mean_err_over_std": mean_err, "var_rel_err": var_err,
             "own_inputs_var_rel_err": own[1] if k == fx else None,
+            "mean_err_over_std_shuffled": mixed_mean_err, "var_rel_err_shuffled": mixed_var_err,
+            "own_inputs_var_rel_err_shuffled": own_mixed[1] if k == fx else None,
             "peak_mb": round(memory[k], 1),
         })
     shape = f"{args.batch_size}x3x{args.size}x{args.size}"
     print(f"\n{name}: {len(batches)} batches of {shape} (last {batches[-1].shape[0]}), "
           f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print(tabulate([{k: v for k, v in r.items() if k != "model"} for r in rows], headers="keys", floatfmt=".3g"))
+    speed = ("method", "img_s", "throughput_vs_eval", "cpu_time_vs_eval", "fxnorm_speedup", "fxnorm_cpu_speedup", "peak_mb")
+    print(tabulate([{k: r[k] for k in speed} for r in rows], headers="keys", floatfmt=".3g"))
+    print(tabulate([{k: v for k, v in r.items() if k == "method" or k not in speed and k != "model"} for r in rows],
+                   headers="keys", floatfmt=".2g"))
     return rows
 
 

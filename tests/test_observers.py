@@ -1,0 +1,190 @@
+"""Tests for fxnorm.observers and the observer placement of fxnorm.calib_graph: the CPU fast path
+(per-plane sums, the cancellation fallback, normalization written over a fresh conv output) against
+training-mode batch norm and float64 statistics, and the cases where the input must not be overwritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torchvision
+
+from fxnorm.calibrate import convert, prepare
+from fxnorm.observers import NormObserver, NormTarget, Session
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def observers_of(prepared: nn.Module) -> dict[str, NormObserver]:
+    return {obs.target.name: obs for obs in prepared.modules() if isinstance(obs, NormObserver)}
+
+
+def float64_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(1), flat.var(1, unbiased=False)
+
+
+class ConvBN(nn.Module):
+    """conv -> bn, optionally with the conv output also used by a residual add."""
+
+    def __init__(self, residual: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        out = self.bn(y)
+        return out + y if self.residual else out
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.5, 40.0, 1e4])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 7), (3, 5, 6, 6), (2, 5, 3, 4, 4)])
+def test_observer_matches_training_mode_and_float64(shape: tuple[int, ...], offset: float) -> None:
+    """Every channel offset regime (no cancellation, a few channels, all channels far from zero):
+    the output is training-mode batch norm's and the recorded statistics are float64's."""
+    gen = torch.Generator().manual_seed(len(shape))
+    channel_offset = offset * torch.randn(shape[1], generator=gen)
+    channel_offset[::2] = 0  # half the channels centred, half shifted
+    x = torch.randn(shape, generator=gen) * 0.5 + channel_offset.view(1, -1, *([1] * (len(shape) - 2)))
+    bn = nn.BatchNorm1d(5) if len(shape) < 4 else (nn.BatchNorm2d(5) if len(shape) == 4 else nn.BatchNorm3d(5))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    target = NormTarget.for_module("bn", bn)
+    obs = NormObserver(target, Session(), module=bn)
+    with torch.inference_mode():
+        out = obs(x)
+        expected = bn.train()(x.clone())
+    bn.eval()
+    scale = max(1.0, expected.abs().max().item())
+    assert (out - expected).abs().max().item() <= 2e-3 * scale if offset >= 1e4 else 1e-5 * scale
+    target.flush()
+    mean, var = float64_stats(x)
+    assert torch.allclose(target.moments.mean, mean, rtol=1e-6, atol=1e-6 * var.sqrt().max().item())
+    assert ((target.moments.variance() - var).abs() / var).max().item() < 1e-6
+
+
+def test_fresh_conv_outputs_are_overwritten_on_resnet18() -> None:
+    """Every batch norm of resnet18 reads a conv output nothing else reads: all observers may write
+    over their input, and the recalibrated statistics equal those of the out-of-place path."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    batches = [torch.randn(2, 3, 64, 64) + 0.1 * i for i in range(3)]
+    prepared = prepare(model)
+    flags = {name: obs.overwrite_input for name, obs in observers_of(prepared).items()}
+    assert len(flags) == 20 and all(flags.values())
+    with torch.inference_mode():
+        outs = [prepared(b) for b in batches]
+    convert(prepared)
+    fast = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    plain = torchvision.models.resnet18(weights=None).eval()
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None).eval()
+    prepared = prepare(plain)
+    for obs in observers_of(prepared).values():
+        obs.overwrite_input = False
+    with torch.inference_mode():
+        slow_outs = [prepared(b) for b in batches]
+    convert(prepared)
+    for a, b in zip(outs, slow_outs):
+        assert torch.equal(a, b)
+    for key, value in fast.items():
+        assert torch.equal(value, plain.state_dict()[key]), key
+
+
+def test_conv_output_read_elsewhere_is_not_overwritten() -> None:
+    """conv -> bn with the conv output also added to the result: the observer must leave it alone."""
+    torch.manual_seed(1)
+    model = ConvBN(residual=True).eval()
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare(model)
+    assert not observers_of(prepared)["bn"].overwrite_input
+    with torch.inference_mode():
+        out = prepared(x)
+        y = model.conv(x)
+        expected = model.bn.train()(y) + y
+    model.bn.eval()
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["module", "global"])
+def test_forward_hooks_keep_the_conv_output(hook: str) -> None:
+    """A forward hook may keep the conv output (feature extraction): it must still hold the conv
+    output after the observer ran, not the normalized tensor."""
+    torch.manual_seed(2)
+    model = ConvBN().eval()
+    kept: list[torch.Tensor] = []
+    if hook == "module":
+        handle = model.conv.register_forward_hook(lambda m, args, out: kept.append(out) if m is model.conv else None)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: kept.append(out) if m is model.conv else None)
+    try:
+        prepared = prepare(model)
+        assert observers_of(prepared)["bn"].overwrite_input  # placed, but refused at run time
+        x = torch.randn(4, 3, 8, 8)
+        with torch.inference_mode():
+            prepared(x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert len(kept) == 1 and torch.equal(kept[0], model.conv(x))
+
+
+def test_overwrite_is_refused_under_autograd() -> None:
+    """With gradients enabled the conv output requires grad: it is normalized out of place (an
+    ``out=`` write would raise), the output is training-mode batch norm's and backward runs."""
+    torch.manual_seed(3)
+    model = ConvBN().eval()
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare(model)
+    assert observers_of(prepared)["bn"].overwrite_input
+    out = prepared(x)
+    assert out.requires_grad
+    out.square().sum().backward()
+    assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        reference = model.bn.train()(model.conv(x))
+    model.bn.eval()
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_functional_conv_producer_is_overwritten() -> None:
+    """A functional conv (call_function) feeding a batch norm module counts as a fresh output."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.nn.functional.conv2d(x, self.weight))
+
+    torch.manual_seed(4)
+    model = Functional().eval()
+    prepared = prepare(model)
+    assert isinstance(prepared, fx.GraphModule)
+    assert observers_of(prepared)["bn"].overwrite_input
+    x = torch.randn(3, 3, 9, 9) + 2.0
+    with torch.inference_mode():
+        out = prepared(x)
+    convert(prepared)
+    y = torch.nn.functional.conv2d(x, model.weight.detach())
+    mean, var = float64_stats(y)
+    n = y.numel() // y.shape[1]
+    assert torch.allclose(model.bn.running_mean.double(), mean, atol=1e-5)
+    assert ((model.bn.running_var.double() - var * n / (n - 1)).abs() / var).max() < 1e-5
+    expected = (y - mean.float().view(1, -1, 1, 1)) / (var.float().view(1, -1, 1, 1) + 1e-5).sqrt()
+    expected = expected * model.bn.weight.detach().view(1, -1, 1, 1) + model.bn.bias.detach().view(1, -1, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-4)

@@ -188,3 +188,88 @@ def test_functional_conv_producer_is_overwritten() -> None:
     expected = (y - mean.float().view(1, -1, 1, 1)) / (var.float().view(1, -1, 1, 1) + 1e-5).sqrt()
     expected = expected * model.bn.weight.detach().view(1, -1, 1, 1) + model.bn.bias.detach().view(1, -1, 1, 1)
     assert torch.allclose(out, expected, atol=1e-4)
+
+
+class Producers(nn.Module):
+    """A conv without bias, a conv with bias and a linear, each read only by its batch norm; one
+    batch norm shared by two call sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain = nn.Conv2d(3, 4, 3, bias=False)
+        self.biased = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(12, 5)
+        self.bn_plain, self.bn_biased, self.bn_fc = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm1d(5)
+        self.left, self.right, self.shared = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pooled = x.mean((2, 3)).repeat(1, 4)
+        return (self.bn_plain(self.plain(x)), self.bn_biased(self.biased(x)), self.bn_fc(self.fc(pooled)),
+                self.shared(self.left(x)) + self.shared(self.right(x)))
+
+
+def producer_outputs(model: Producers, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    with torch.no_grad():
+        return {"bn_plain": [model.plain(x)], "bn_biased": [model.biased(x)],
+                "bn_fc": [model.fc(x.mean((2, 3)).repeat(1, 4))], "shared": [model.left(x), model.right(x)]}
+
+
+@pytest.mark.parametrize("offsets", [(0.0, 0.5, 1.0, 1.5), (0.0, 0.0, 1e4, 1e4)], ids=["drift", "jump"])
+def test_shifted_producers_keep_statistics_exact(offsets: tuple[float, ...]) -> None:
+    """Batches 2+ are shifted by the last batch mean at the producer; the recorded statistics are the
+    float64 statistics of the producers' real outputs (a sudden jump of 1e4 falls back to recentring)
+    and the outputs are training-mode batch norm's."""
+    torch.manual_seed(5)
+    model = Producers().eval()
+    with torch.no_grad():
+        for conv in (model.plain, model.biased, model.left, model.right):
+            conv.weight.abs_()  # positive weights on positive inputs: channel means far from zero
+    batches = [torch.rand(6, 3, 7, 7) * 2 + 3 + off for off in offsets]
+    prepared = prepare(model)
+    shifted = [m for m in prepared.modules() if type(m).__name__ == "ShiftedProducer"]
+    assert len(shifted) == 5
+    expected: dict[str, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for b in batches:
+            outs = prepared(b)
+            for name, values in producer_outputs(model, b).items():
+                expected.setdefault(name, []).extend(values)
+            reference, resolution = [], 0.0
+            for name, values in producer_outputs(model, b).items():
+                # float32 resolves the inputs only to ~1e-7 of their magnitude: relative to their spread
+                spread = [float(v.abs().max() / float64_stats(v)[1].sqrt().min()) for v in values]
+                resolution = max(resolution, *spread)
+                bn = model.get_submodule(name)
+                normalized = [torch.nn.functional.batch_norm(v, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+                              for v in values]
+                reference.append(normalized[0] if len(normalized) == 1 else normalized[0] + normalized[1])
+            for got, want in zip(outs, reference):
+                tol = 1e-4 + 1e-6 * resolution
+                assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    assert all(obs.shift is not None for obs in observers_of(prepared).values())
+    convert(prepared)
+    for name, values in expected.items():
+        mean, var = float64_stats(torch.cat(values))
+        n = sum(v.numel() // v.shape[1] for v in values)
+        bn = model.get_submodule(name)
+        assert ((bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6, name
+        assert ((bn.running_var.double() - var * n / (n - 1)).abs() / var).max() < 1e-6, name
+
+
+def test_producer_with_a_hook_is_called_unshifted() -> None:
+    """A hook on the producer sees its real output on every batch (no shift, no overwrite)."""
+    torch.manual_seed(6)
+    model = ConvBN().eval()
+    seen: list[torch.Tensor] = []
+    model.conv.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    batches = [torch.randn(4, 3, 8, 8) + i for i in range(3)]
+    prepared = prepare(model)
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b)
+    convert(prepared)
+    with torch.no_grad():
+        real = [model.conv._conv_forward(b, model.conv.weight, model.conv.bias) for b in batches]
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, real))
+    mean, var = float64_stats(torch.cat(real))
+    assert ((model.bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6

@@ -141,16 +141,20 @@ def plot_recalibration(results: dict[str, Any], path: str) -> bool:
     left.axhline(1.0, color="#555555", lw=0.8, ls="--")
     left.set_ylabel("throughput / eval forward's (higher is better)")
     left.set_ylim(0, 1.35)
-    left.legend(loc="upper right", fontsize=7, ncol=len(methods))
+    left.legend(loc="upper center", fontsize=7, ncol=2)
     left.set_title("speed (wall clock, same batches, same rounds)", fontsize=9)
     errs = [m for m in methods if any(cell[(mo, m)].get("var_rel_err") is not None for mo in models)]
-    series = {m: [max(cell[(mo, m)].get("var_rel_err") or 0.0, 1e-12) for mo in models] for m in errs}
-    _bars(right, models, series, colors, "%.0e")
+    loaders = [("var_rel_err", "unshuffled")]
+    if any(r.get("var_rel_err_shuffled") is not None for r in rows):
+        loaders.append(("var_rel_err_shuffled", "shuffled"))
+    groups = [f"{mo}\n{label}" for mo in models for _, label in loaders]
+    series = {m: [max(cell[(mo, m)].get(key) or 0.0, 1e-12) for mo in models for key, _ in loaders] for m in errs}
+    _bars(right, groups, series, colors, "%.0e")
     right.set_yscale("log")
-    right.set_ylim(min(min(v) for v in series.values()) / 10, max(max(v) for v in series.values()) * 30)
+    right.set_ylim(min(min(v) for v in series.values()) / 10, max(max(v) for v in series.values()) * 3000)
     right.set_ylabel("worst relative error of running_var")
-    right.set_title("statistics error vs float64 (lower is better; unshuffled, drifting batches)", fontsize=9)
-    right.legend(loc="upper left", fontsize=7)
+    right.set_title("statistics error vs float64 (lower is better)", fontsize=9)
+    right.legend(loc="upper left", fontsize=7, ncol=3)
     meta = data.get("meta", {})
     fig.suptitle(f"Recalibration, {meta.get('device', 'cpu')}, torch threads: {meta.get('threads', '?')}, "
                  f"{meta.get('batches', '?')} batches of {meta.get('batch_size', '?')}", fontsize=9)

@@ -318,18 +318,20 @@ def recalibrate_section(results: dict[str, Any]) -> str:
     size, bs, n = meta.get("size", "?"), meta.get("batch_size", "?"), meta.get("batches", "?")
     out = [
         f"Re-estimating the batch-norm statistics of torchvision models (no weights, randomized statistics) from "
-        f"{n} batches of {bs}x3x{size}x{size} images, the last one short, on an unshuffled loader whose batches "
-        "drift (batch *i* is offset by 0.1·*i*) — the same batches for every method. Throughput is images per "
-        "second over the whole call (fxnorm's tracing, observers and write-back included); `vs eval` is the "
-        "method's throughput over a plain eval forward's on the same batches, measured in the same rounds "
-        f"(wall clock, and process CPU time which a busy machine disturbs less). Device {meta.get('device', 'cpu')}, "
-        f"torch {meta.get('torch', '?')}, torch threads: {meta.get('threads', '?')}, medians over {meta.get('rounds', '?')} "
-        "rounds in rotating order.",
+        f"{n} batches of {bs}x3x{size}x{size} images, the last one short. Speed is measured on an unshuffled loader "
+        "whose batches drift (batch *i* is offset by 0.1·*i*) — the same batches for every method; the statistics "
+        "error on that loader and on a shuffled one (the same images in a random order, the same batch sizes). "
+        "Throughput is images per second over the whole call (fxnorm's tracing, observers and write-back "
+        "included); `vs eval` is the method's throughput over a plain eval forward's on the same batches, "
+        "measured in the same rounds (wall clock, and process CPU time which a busy machine disturbs less). Every "
+        f"method keeps its own copy of the model across the rounds. Device {meta.get('device', 'cpu')}, "
+        f"torch {meta.get('torch', '?')}, torch threads: {meta.get('threads', '?')}, medians over "
+        f"{meta.get('rounds', '?')} rounds in rotating order.",
         "",
         "Statistics error: the worst channel of any norm against float64 statistics computed directly from the "
         "inputs each norm receives (norms normalizing with batch statistics, every other module in eval mode): "
-        "`mean err` is |error| / std, `var err` the relative error of the variance. "
-        "`fxnorm, own inputs` compares fxnorm with the inputs its own observers received (the estimator "
+        "`mean err` is |error| / std, `var err` the relative error of the variance, on the unshuffled and the "
+        "shuffled loader. `own inputs` compares fxnorm with the inputs its own observers received (the estimator "
         "alone, without the float32 rounding two separate forwards of a deep network disagree by).",
         "",
     ]
@@ -347,9 +349,10 @@ def recalibrate_section(results: dict[str, Any]) -> str:
             body.append([r["method"], f"{r['img_s']:.1f}", f"{r['throughput_vs_eval']:.2f}",
                          f"{r['cpu_time_vs_eval']:.2f}", *([f"{r['peak_mb']:.0f}"] if memory else []),
                          _sci(r.get("mean_err_over_std")), _sci(r.get("var_rel_err")),
+                         _sci(r.get("mean_err_over_std_shuffled")), _sci(r.get("var_rel_err_shuffled")),
                          _sci(r.get("own_inputs_var_rel_err"))])
         headers = ["method", "images/s", "vs eval (wall)", "vs eval (CPU)", *(["peak MB"] if memory else []),
-                   "mean err", "var err", "var err, own inputs"]
+                   "mean err", "var err", "mean err, shuffled", "var err, shuffled", "var err, own inputs"]
         out += [f"**{model}**", "", table(headers, body, colalign=["left"] + ["right"] * (len(headers) - 1)), ""]
     fx = {r["model"]: r for r in rows if r["method"].startswith("fxnorm")}
     ub = {r["model"]: r for r in rows if "update_bn" in r["method"] and not r["method"].startswith("fvcore")}
@@ -357,10 +360,11 @@ def recalibrate_section(results: dict[str, Any]) -> str:
         out += ["Side by side: " + "; ".join(
             f"{m}: fxnorm runs at {fx[m]['throughput_vs_eval']:.2f}x an eval forward's throughput and "
             f"{ub[m]['img_s'] and fx[m]['img_s'] / ub[m]['img_s']:.2f}x `update_bn`'s, with a variance error of "
-            f"{_sci(fx[m].get('var_rel_err'))} against `update_bn`'s {_sci(ub[m].get('var_rel_err'))}"
+            f"{_sci(fx[m].get('var_rel_err'))} (shuffled: {_sci(fx[m].get('var_rel_err_shuffled'))}) against "
+            f"`update_bn`'s {_sci(ub[m].get('var_rel_err'))} ({_sci(ub[m].get('var_rel_err_shuffled'))})"
             for m in fx if m in ub) + ".", ""]
     out += ["![recalibration throughput and statistics error](recalibration.png)", "",
-            "Reproduce: `python examples/benchmarks/bench_recalibrate.py` (`--device cuda` on a GPU). "
+            "Reproduce: `python examples/benchmarks/bench_recalibrate.py --threads 1` (`--device cuda` on a GPU). "
             "[recalibration.md](recalibration.md) explains the statistics."]
     return "\n".join(out) + "\n"
 

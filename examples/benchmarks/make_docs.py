@@ -48,7 +48,8 @@ __all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benc
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "fold": ("fold.json", [PY, "examples/benchmarks/bench_fold.py", "--json", "{json}"]),
     "coverage": ("coverage.json", [PY, "examples/benchmarks/bench_fold.py", "--coverage", "--json", "{json}"]),
-    "recalibrate": ("recalibrate.json", [PY, "examples/benchmarks/bench_recalibrate.py", "--json", "{json}"]),
+    "recalibrate": ("recalibrate.json",
+                    [PY, "examples/benchmarks/bench_recalibrate.py", "--threads", "1", "--json", "{json}"]),
     "shift": ("domain_shift.json", [PY, "examples/domain_shift.py", "--threads", "1", "--json", "{json}"]),
     "shift_sorted": ("domain_shift_sorted.json",
                      [PY, "examples/domain_shift.py", "--threads", "1", "--sorted", "--json", "{json}"]),

@@ -162,8 +162,10 @@ class ShiftedProducer(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         producer, observer = self.producer, self.observer
         weight, shift = producer.weight, observer.shift
-        if shift is None or shift.dtype != weight.dtype or shift.device != weight.device or _hooked(producer) \
-                or _autocast(weight.device.type):
+        # channels must be dim 1 of the output: batched conv input, 2-d linear input
+        batched = input.dim() == (2 if isinstance(producer, nn.Linear) else weight.dim())
+        if shift is None or not batched or shift.dtype != weight.dtype or shift.device != weight.device \
+                or _hooked(producer) or _autocast(weight.device.type):
             observer.shifted = False
             return producer(input)
         bias = -shift if producer.bias is None else producer.bias - shift

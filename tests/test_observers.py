@@ -273,3 +273,25 @@ def test_producer_with_a_hook_is_called_unshifted() -> None:
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, real))
     mean, var = float64_stats(torch.cat(real))
     assert ((model.bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6
+
+
+def test_linear_on_sequences_is_not_shifted() -> None:
+    """A Linear on (N, L, F) inputs feeding a BatchNorm1d(L) has its features last, not at dim 1:
+    the producer must run unshifted (a shift over the wrong dimension would corrupt the statistics,
+    silently when L == F)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)).eval()
+    batches = [torch.randn(4, 5, 5) * 0.1 + 3 + i for i in range(3)]
+    prepared = prepare(model)
+    assert observers_of(prepared)["1"].shiftable
+    with torch.inference_mode():
+        for b in batches:
+            prepared(b)
+    assert not observers_of(prepared)["1"].shifted
+    convert(prepared)
+    with torch.no_grad():
+        real = torch.cat([model[0](b) for b in batches])
+    mean, var = float64_stats(real)
+    n = real.numel() // real.shape[1]
+    assert ((model[1].running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6
+    assert ((model[1].running_var.double() - var * n / (n - 1)).abs() / var).max() < 1e-6

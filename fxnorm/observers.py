@@ -7,7 +7,10 @@ norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.convert`
 Batch norms on a CPU with contiguous input reduce each batch to per-(sample, channel) sums and sums
 of squares (two fast contiguous reductions; squares about the batch mean for channels whose mean is
 large against their spread, see :meth:`NormObserver._planes`), pool them in float64 and normalize with
-one eval-mode ``torch.batch_norm`` pass. Elsewhere (CUDA, channels-last...) one ``torch.batch_norm``
+one eval-mode batch-norm pass, written over the input when it is a fresh conv/linear output nothing
+else reads. Such a producer is called with its bias minus the observer's :attr:`NormObserver.shift`
+(the last batch mean, :class:`fxnorm.calib_graph.ShiftedProducer`), so the sums are centred; the
+observer adds the shift back to the mean it records. Elsewhere (CUDA, channels-last...) one ``torch.batch_norm``
 call in training mode (cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
 batch variance into a row of a small scratch table instead of the norm's buffers. Either way the
 per-batch statistics wait in that table; every :data:`ROWS` batches (and at the end) it is checked
@@ -38,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules import module as _module_mod
 
 from .errors import CalibrationError, DataError
+from .plane_stats import CANCEL, centred_variance, global_forward_hooks, normalize_in_place
 from .stats import ChannelMoments
 
 __all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver"]
@@ -226,46 +229,6 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-_CANCEL = 3.0  # squares about the mean for channels with mean^2 > _CANCEL * var
-_CHUNK = 1 << 19  # elements per centred chunk (2 MB of float32: cache-resident, few parallel regions)
-
-
-def _sum_squares(planes: Tensor, acc: torch.dtype) -> Tensor:
-    """Per-channel sum of squares of ``planes`` (N, C, L): per-plane norms in ``acc``, summed in float64."""
-    return torch.linalg.vector_norm(planes, 2, -1, dtype=acc).square().sum(0, dtype=torch.float64)
-
-
-def _centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype, *, writable: bool = False) -> Tensor:
-    """Per-channel biased variance of ``planes`` from squares about ``mean`` rounded to ``acc``.
-
-    ``writable``: ``planes`` is a scratch copy, centred in place. Otherwise the centred copy is made a
-    few samples at a time (about :data:`_CHUNK` elements), so it stays in cache and the peak memory
-    stays near an eval forward's."""
-    shift = mean.to(acc)
-    delta = mean - shift.double()
-    view = shift.view(1, -1, 1)
-    if writable:
-        squares = _sum_squares(planes.sub_(view), acc)
-    else:
-        step = max(1, _CHUNK // max(1, planes[0].numel()))
-        squares = sum(_sum_squares(chunk - view, acc) for chunk in planes.split(step))
-    return (squares / n - delta.square()).clamp_min_(0)
-
-
-def _global_forward_hooks() -> bool:
-    """Whether global module forward hooks are registered (they may keep any module's output)."""
-    return bool(getattr(_module_mod, "_global_forward_hooks", None))
-
-
-def _normalize_in_place(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                        eps: float, empty: Tensor | None = None) -> Tensor:
-    """Eval-mode batch norm written over ``x`` itself (half the memory traffic of a new output).
-    ``empty``: a size-0 tensor for the unused saved statistics (made when not given)."""
-    empty = x.new_empty(0) if empty is None else empty
-    return torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, eps,
-                                                out=x, save_mean=empty, save_invstd=empty)[0]
-
-
 _FUNCTIONAL_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
@@ -370,23 +333,23 @@ class NormObserver(nn.Module):
         torch.linalg.vector_norm(planes, 2, -1, dtype=acc, out=squares).square_()
         row, mean, var = target.slot(input.device, torch.float64)
         torch.sum(both, 1, dtype=torch.float64, out=row).div_(n)  # mean, mean of squares
-        limit = var * (1 / (1 + _CANCEL))
+        limit = var * (1 / (1 + CANCEL))
         var.addcmul_(mean, mean, value=-1)  # mean of squares - mean^2
-        bad = var < limit  # mean^2 > _CANCEL * var
+        bad = var < limit  # mean^2 > CANCEL * var
         if bool(bad.any()):  # cancellation: squares about the mean for these channels
             channels = bad.nonzero().squeeze(1)
             if 4 * channels.numel() <= target.num_channels:
-                var.index_put_((channels,), _centred_variance(planes.index_select(1, channels), mean[channels], n, acc,
+                var.index_put_((channels,), centred_variance(planes.index_select(1, channels), mean[channels], n, acc,
                                                               writable=True))
             else:
-                var.copy_(_centred_variance(planes, mean, n, acc))
+                var.copy_(centred_variance(planes, mean, n, acc))
         stats.copy_(row)
         if self.overwrite_input and self._may_overwrite(input):
             empty = self._empty
             if empty is None or empty.dtype != acc or empty.device != input.device:
                 with torch.inference_mode(False):
                     empty = self.__dict__["_empty"] = input.new_empty(0, dtype=acc)
-            return _normalize_in_place(input, weight, bias, stat_mean, stat_var, eps, empty)
+            return normalize_in_place(input, weight, bias, stat_mean, stat_var, eps, empty)
         return torch.batch_norm(input, weight, bias, stat_mean, stat_var, False, 0.0, eps, False)
 
     def _may_overwrite(self, input: Tensor) -> bool:
@@ -395,7 +358,7 @@ class NormObserver(nn.Module):
         producer = self.producer
         return (not input.requires_grad and input.dtype in (torch.float32, torch.float64)
                 and not (producer is not None and (producer._forward_hooks or producer._forward_hooks_with_kwargs))
-                and not _global_forward_hooks())
+                and not global_forward_hooks())
 
     def _instance(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                   mean: Tensor, var: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torchvision
 from devices import DEVICES
 from torch.optim.swa_utils import update_bn
 
-from fxnorm import calib_data, calib_graph, calib_report, calibrate, observers, select
+from fxnorm import calib_data, calib_graph, calib_report, calibrate, observers, plane_stats, select
 from fxnorm.calibrate import convert, prepare, recalibrate, reset
 from fxnorm.errors import CalibrationError, DataError
 from fxnorm.observers import NormObserver
@@ -880,7 +880,7 @@ def test_cuda_model_with_device_argument_and_half(dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [calibrate, calib_report, calib_data, calib_graph, observers, select])
+@pytest.mark.parametrize("module", [calibrate, calib_report, calib_data, calib_graph, observers, plane_stats, select])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

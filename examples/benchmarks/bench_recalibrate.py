@@ -13,7 +13,7 @@ during each call (the PyTorch profiler's allocation records on a CPU, the alloca
 Usage::
 
     python examples/benchmarks/bench_recalibrate.py --threads 1     # resnet18 and resnet50, CPU
-    python examples/benchmarks/bench_recalibrate.py --models resnet18 --size 96 --batches 6 --rounds 5
+    python examples/benchmarks/bench_recalibrate.py --models resnet18 --size 112 --batches 16 --rounds 5
     python examples/benchmarks/bench_recalibrate.py --device cuda
     python examples/benchmarks/bench_recalibrate.py --json examples/benchmarks/results/recalibrate.json
 
@@ -261,10 +261,10 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=224, help="image size (224: the models' own resolution)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--json", help="write the rows to this JSON file")

@@ -211,7 +211,7 @@ def _new_statistics(state: PreparedState) -> dict[int, tuple[torch.Tensor, torch
 
 def convert(prepared: nn.Module, *, report: bool = False,
             all_reduce: bool | None = None) -> nn.Module | tuple[nn.Module, CalibrationReport]:
-    """Write the statistics gathered by a :func:`prepare` d model into the norms and return the model.
+    """Write the statistics gathered by a model from :func:`prepare` into its norms and return the model.
 
     All or nothing: every value is computed and checked before the first buffer is written. A norm
     gets ``running_mean`` = pooled mean, ``running_var`` = pooled unbiased variance (in the buffers'

@@ -161,11 +161,15 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
     """Give a traced part the plain Python attributes of its module (eager parents read them:
-    RAFT's forward reads ``self.update_block.hidden_state_size``)."""
+    RAFT's forward reads ``self.update_block.hidden_state_size``). They are also recorded in
+    ``gm.meta["_user_preserved_attributes"]``, which ``GraphModule`` copies keep (``copy.deepcopy``)."""
+    meta = getattr(gm, "meta", None)
     for key, value in module.__dict__.items():
         if key.startswith("_") or key in gm.__dict__ or callable(value) or isinstance(value, (nn.Module, torch.Tensor)):
             continue
         gm.__dict__[key] = value
+        if isinstance(meta, dict):
+            meta.setdefault("_user_preserved_attributes", {})[key] = value
     gm.training = module.training
 
 

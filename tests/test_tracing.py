@@ -213,6 +213,9 @@ def test_copy_leaves_trained_flags_and_plain_attributes() -> None:
     assert traced.holder.width == 7 and traced.holder.training
     x = torch.ones(1, 1, 2, 2)
     torch.testing.assert_close(traced(x), model(x))
+    copied = copy.deepcopy(traced)  # GraphModule copies rebuild the module: the attribute must survive
+    assert copied.holder is not traced.holder and copied.holder.width == 7
+    torch.testing.assert_close(copied(x), model(x))
 
 
 @pytest.mark.parametrize("spec", ["type", "name", "instance"])

@@ -31,7 +31,7 @@ from torch.nn.modules import module as _module_mod
 from .calib_data import batch_size
 from .errors import CalibrationError
 from .kinds import is_plain
-from .observers import NormObserver, NormTarget, Session
+from .observers import NormObserver, NormTarget, Session, output_hooked
 from .tracing import graph_parts, trace
 
 __all__ = ["PreparedState", "ShiftedProducer", "state_of", "build_prepared", "install_forward", "set_training"]
@@ -115,11 +115,9 @@ def install_forward(root: nn.Module, state: PreparedState) -> None:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones) that must see its real output."""
-    own = (module._forward_hooks, module._forward_pre_hooks, getattr(module, "_forward_hooks_with_kwargs", None))
-    shared = (getattr(_module_mod, "_global_forward_hooks", None),
-              getattr(_module_mod, "_global_forward_pre_hooks", None))
-    return any(own) or any(shared)
+    """Whether calling ``module`` runs hooks (its own or global ones) that must see its real call."""
+    pre = (module._forward_pre_hooks, getattr(_module_mod, "_global_forward_pre_hooks", None))
+    return output_hooked(module) or any(pre)
 
 
 def _autocast(device_type: str) -> bool:

@@ -41,12 +41,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _module_mod
 
 from .errors import CalibrationError, DataError
-from .plane_stats import CANCEL, centred_variance, global_forward_hooks, normalize_in_place
+from .plane_stats import CANCEL, centred_variance, normalize_in_place
 from .stats import ChannelMoments
 
-__all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver"]
+__all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver", "output_hooked"]
 
 #: Batches whose statistics wait in a target's scratch table before they are merged in float64.
 ROWS = 8
@@ -229,6 +230,21 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def output_hooked(module: nn.Module | None) -> bool:
+    """Whether a forward hook may see (and keep) ``module``'s output: its own forward hooks, or
+    global ones (which see every module's output; ``module`` None: only those).
+
+    Example:
+        >>> conv = nn.Conv2d(1, 1, 1)
+        >>> before = output_hooked(conv)
+        >>> handle = conv.register_forward_hook(lambda m, args, out: None)
+        >>> before, output_hooked(conv)
+        (False, True)
+    """
+    own = module is not None and bool(module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
+    return own or bool(getattr(_module_mod, "_global_forward_hooks", None))
+
+
 _FUNCTIONAL_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
@@ -355,10 +371,8 @@ class NormObserver(nn.Module):
     def _may_overwrite(self, input: Tensor) -> bool:
         """The input can take the output: no autograd, a float dtype the kernel writes exactly, and no
         forward hook that could have kept a reference to the producer's output."""
-        producer = self.producer
         return (not input.requires_grad and input.dtype in (torch.float32, torch.float64)
-                and not (producer is not None and (producer._forward_hooks or producer._forward_hooks_with_kwargs))
-                and not global_forward_hooks())
+                and not output_hooked(self.producer))
 
     def _instance(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                   mean: Tensor, var: Tensor) -> Tensor:

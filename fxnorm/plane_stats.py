@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.modules import module as _module_mod
 
-__all__ = ["CANCEL", "CHUNK", "sum_squares", "centred_variance", "normalize_in_place", "global_forward_hooks"]
+__all__ = ["CANCEL", "CHUNK", "sum_squares", "centred_variance", "normalize_in_place"]
 
 #: squares are taken about the mean for channels with mean^2 > CANCEL * var
 CANCEL = 3.0
@@ -53,11 +52,6 @@ def centred_variance(planes: Tensor, mean: Tensor, n: int, acc: torch.dtype, *, 
         step = max(1, CHUNK // max(1, planes[0].numel()))
         squares = sum(sum_squares(chunk - view, acc) for chunk in planes.split(step))
     return (squares / n - delta.square()).clamp_min_(0)
-
-
-def global_forward_hooks() -> bool:
-    """Whether global module forward hooks are registered (they may keep any module's output)."""
-    return bool(getattr(_module_mod, "_global_forward_hooks", None))
 
 
 def normalize_in_place(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,

@@ -5,24 +5,15 @@ the errors it reports separate fxnorm from update_bn the way the docs claim."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "benchmarks", "bench_recalibrate.py")
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_recalibrate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_recalibrate"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_recalibrate", "examples", "benchmarks", "bench_recalibrate.py")
 
 
 def test_loaders_drift_and_shuffle_the_same_images(bench):

@@ -4,30 +4,22 @@ real, so these tests assert on measured accuracies (scikit-learn's digits; skipp
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from devices import DEVICES
+from scripts import load_script
 
 pytest.importorskip("sklearn", reason="the domain-shift example needs scikit-learn (the 'examples' extra)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "domain_shift.py")
 CORRUPTIONS = ["clean", "low_contrast", "brightness", "inversion"]
 
 
 @pytest.fixture(scope="module")
 def ds():
-    spec = importlib.util.spec_from_file_location("domain_shift", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["domain_shift"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("domain_shift", "examples", "domain_shift.py")
 
 
 @pytest.fixture(scope="module")

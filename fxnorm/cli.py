@@ -477,7 +477,7 @@ def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
     console.out(f"recalibrated {len(report.layers)} norm(s) on {report.num_batches} batch(es), "
                 f"{report.num_samples} sample(s)")
     if rows:
-        console.out(f"statistics that moved most (mean shift in old standard deviations; |log var ratio|):")
+        console.out("statistics that moved most (mean shift in old standard deviations; |log var ratio|):")
         console.out(tabulate(rows, headers=["norm", "kind", "batches", "mean shift", "var change"],
                              tablefmt=args.tablefmt))
     for label, names in (("not reached by the forward", report.unreached), ("unusable", report.unusable)):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx

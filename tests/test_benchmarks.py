@@ -45,3 +45,17 @@ def test_benchmark_reports_exact_fxnorm_statistics_and_biased_update_bn(bench, c
         # against a separate reference forward, 1x1 feature maps of 4 samples magnify float32 rounding
         assert ub["var_rel_err" + suffix] > 10 * fx["var_rel_err" + suffix]
     assert all(r["img_s"] > 0 and r["peak_mb"] >= 0 for r in rows.values())
+
+
+def test_warm_heap_timings_join_the_fresh_rows(bench):
+    fresh = [{"model": "m", "method": k, "img_s": s, "throughput_vs_eval": s / 10, "cpu_time_vs_eval": s / 10,
+              "fxnorm_speedup": 9 / s, "var_rel_err": e} for k, s, e in (("eval forward", 10, None),
+                                                                          ("fxnorm.recalibrate", 9, 1e-7))]
+    warm = [dict(r, img_s=r["img_s"] * 2, throughput_vs_eval=r["throughput_vs_eval"] - 0.05, var_rel_err=None)
+            for r in reversed(fresh)]
+    rows = {r["method"]: r for r in bench.merge_heaps(fresh, warm)}
+    fx = rows["fxnorm.recalibrate"]
+    assert fx["img_s"] == 9 and fx["img_s_warm_heap"] == 18  # matched by method, not by position
+    assert fx["throughput_vs_eval_warm_heap"] == pytest.approx(0.85) and fx["var_rel_err"] == 1e-7
+    # the warm heap keeps freed blocks up to 32 MB (glibc's largest mmap threshold) and never trims
+    assert int(bench.WARM_HEAP_ENV["MALLOC_MMAP_THRESHOLD_"]) == 32 * 2**20

@@ -21,7 +21,6 @@ from fxnorm.cli import main, relative_error
 from fxnorm.export import batch_norm_nodes, count_batch_norm_ops
 from fxnorm.render import report_dict
 from fxnorm.sites import find_norms
-from fxnorm.tracing import trace, trace_report
 
 REPO = Path(__file__).resolve().parent.parent
 

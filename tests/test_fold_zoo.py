@@ -28,7 +28,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from devices import CUDA
 from torchvision import models as tvm
 
 import zoo

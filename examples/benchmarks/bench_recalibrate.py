@@ -13,6 +13,7 @@ during each call (the PyTorch profiler's allocation records on a CPU, the alloca
 Usage::
 
     python examples/benchmarks/bench_recalibrate.py --threads 1     # resnet18 and resnet50, CPU
+    python examples/benchmarks/bench_recalibrate.py --threads 1 --heaps fresh    # skip the warm-heap timing
     python examples/benchmarks/bench_recalibrate.py --models resnet18 --size 112 --batches 16 --rounds 5
     python examples/benchmarks/bench_recalibrate.py --device cuda
     python examples/benchmarks/bench_recalibrate.py --json examples/benchmarks/results/recalibrate.json
@@ -21,6 +22,19 @@ Ratios are medians over ``--rounds`` rounds; in each round every method runs onc
 order, so that machine noise hits them alike. Every method keeps its own copy of the model across the
 rounds (all equally warm in the caches: a freshly copied model runs its first pass ~4% slower); the
 result of a recalibration does not depend on the statistics it starts from.
+
+How the C allocator serves the large activations moves every method's time by up to 30% on a CPU, so
+each model is measured in its own fresh process, twice (``--heaps``):
+
+- ``fresh``: glibc's defaults, as in a script that loads a model and recalibrates it. Blocks above
+  glibc's mmap threshold are new pages at every allocation, and the page faults are a large part of
+  the time (writing a norm's output over its input saves them).
+- ``warm``: glibc keeps freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), as in a
+  long-running process that has served tensors of these sizes before (another model ran first): no
+  page faults, and every method is faster. Timing only (the statistics do not depend on the heap).
+
+``--in-process`` runs everything in this process instead (the heap is then whatever the models before
+left behind).
 """
 
 from __future__ import annotations
@@ -30,7 +44,9 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,7 +74,8 @@ float32 rounding between two forwards by ~1e-6); own_inputs_var_rel_err = fxnorm
 own observers received (the estimator's error alone); columns without a suffix are on the unshuffled
 (drifting) loader, "_shuffled" on the same images shuffled;
 peak_mb = peak tensor memory allocated during the call (CPU: PyTorch profiler's allocation records; CUDA:
-allocator peak)"""
+allocator peak); the speed columns are measured in a fresh process with glibc's default heap, and again with a
+warm heap (suffix "_warm_heap": glibc keeps freed memory, see the script's docstring)"""
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -194,7 +211,15 @@ def peak_memory_mb(f: Callable[[nn.Module], None], model: nn.Module, device: str
     return peak / 2**20
 
 
-def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+#: glibc malloc settings of the ``warm`` heap: freed blocks up to 32 MB are kept for reuse instead of
+#: being unmapped, and the heap is never trimmed (other C libraries ignore these variables)
+WARM_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+HEAPS = ("fresh", "warm")
+
+
+def run(name: str, args: argparse.Namespace, measure_errors: bool = True) -> list[dict[str, Any]]:
+    """Time every method on ``name`` (and, with ``measure_errors``, measure their statistics errors); print and
+    return one row per method."""
     torch.manual_seed(0)
     base = randomize_norms(getattr(torchvision.models, name)(weights=None).eval()).to(args.device)
     batches = make_batches(args.batches, args.batch_size, args.size, args.device)
@@ -215,25 +240,27 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             sync(args.device)
             times[k].append(time.perf_counter() - start)
             cpu[k].append(time.process_time() - start_cpu)
-    # errors after the timing: the float64 captures of the reference allocate (and free) gigabytes,
-    # which changes how the allocator serves the timed forwards afterwards
-    ref = reference(base, batches)
-    for k in keys:
-        if k != "eval forward":  # recalibration does not depend on the statistics it starts from
-            errors[k] = stats_error(models[k], ref)
     wall = {k: statistics.median(v) for k, v in times.items()}
     work = {k: statistics.median(v) for k, v in cpu.items()}
     ev, fx = "eval forward", "fxnorm.recalibrate"
-    own = estimator_error(copy.deepcopy(base), batches)
-    mixed = shuffled(batches)
-    mixed_ref = reference(base, mixed)
     mixed_errors: dict[str, tuple[float, float]] = {}
-    for k in keys:
-        if k != ev:
-            model = copy.deepcopy(base)
-            methods(mixed)[k](model)
-            mixed_errors[k] = stats_error(model, mixed_ref)
-    own_mixed = estimator_error(copy.deepcopy(base), mixed)
+    own = own_mixed = (None, None)
+    if measure_errors:
+        # errors after the timing: the float64 captures of the reference allocate (and free) gigabytes,
+        # which changes how the allocator serves the timed forwards afterwards
+        ref = reference(base, batches)
+        for k in keys:
+            if k != ev:  # recalibration does not depend on the statistics it starts from
+                errors[k] = stats_error(models[k], ref)
+        own = estimator_error(copy.deepcopy(base), batches)
+        mixed = shuffled(batches)
+        mixed_ref = reference(base, mixed)
+        for k in keys:
+            if k != ev:
+                model = copy.deepcopy(base)
+                methods(mixed)[k](model)
+                mixed_errors[k] = stats_error(model, mixed_ref)
+        own_mixed = estimator_error(copy.deepcopy(base), mixed)
     rows = []
     for k in keys:
         mean_err, var_err = errors.get(k, (None, None))
@@ -249,13 +276,42 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "peak_mb": round(memory[k], 1),
         })
     shape = f"{args.batch_size}x3x{args.size}x{args.size}"
+    heap = getattr(args, "heap", None)
     print(f"\n{name}: {len(batches)} batches of {shape} (last {batches[-1].shape[0]}), "
-          f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+          f"{images} images, device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds"
+          + (f", {heap} heap" if heap else ""))
     speed = ("method", "img_s", "throughput_vs_eval", "cpu_time_vs_eval", "fxnorm_speedup", "fxnorm_cpu_speedup", "peak_mb")
     print(tabulate([{k: r[k] for k in speed} for r in rows], headers="keys", floatfmt=".3g"))
-    print(tabulate([{k: v for k, v in r.items() if k == "method" or k not in speed and k != "model"} for r in rows],
-                   headers="keys", floatfmt=".2g"))
+    if measure_errors:
+        print(tabulate([{k: v for k, v in r.items() if k == "method" or k not in speed and k != "model"}
+                        for r in rows], headers="keys", floatfmt=".2g"))
     return rows
+
+
+def run_isolated(name: str, args: argparse.Namespace, heap: str) -> list[dict[str, Any]]:
+    """:func:`run` in a fresh Python process with the given heap (see the module docstring); the
+    ``warm`` heap is timed only."""
+    env = {k: v for k, v in os.environ.items() if k not in WARM_HEAP_ENV}
+    if heap == "warm":
+        env.update(WARM_HEAP_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", heap, "--models", name,
+               "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--size", str(args.size),
+               "--rounds", str(args.rounds), "--device", args.device, "--threads", str(args.threads), "--json", out]
+        subprocess.run(cmd, env=env, check=True)
+        with open(out) as fh:
+            return json.load(fh)["rows"]
+
+
+def merge_heaps(fresh: list[dict[str, Any]], warm: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fresh-heap rows with the warm-heap timings added as ``*_warm_heap`` columns."""
+    by_method = {r["method"]: r for r in warm}
+    for r in fresh:
+        w = by_method[r["method"]]
+        for key in ("img_s", "throughput_vs_eval", "cpu_time_vs_eval", "fxnorm_speedup"):
+            r[f"{key}_warm_heap"] = w[key]
+    return fresh
 
 
 def main() -> None:
@@ -268,17 +324,43 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--heaps", nargs="+", choices=HEAPS, default=list(HEAPS),
+                        help="measure each model in a fresh process with these heaps (see the docstring)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every model in this process (no fresh process, no heap settings)")
+    parser.add_argument("--worker", choices=HEAPS, help=argparse.SUPPRESS)  # one model, one heap: a child
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU available")
-    rows = [row for name in args.models for row in run(name, args)]
+    if args.worker:
+        args.heap = args.worker
+        rows = run(args.models[0], args, measure_errors=args.worker == "fresh")
+    elif args.in_process:
+        rows = [row for name in args.models for row in run(name, args)]
+    else:
+        if "fresh" not in args.heaps:
+            parser.error("--heaps: the fresh heap is needed (the statistics errors are measured there)")
+        if args.device.startswith("cuda"):  # the C heap does not serve GPU tensors
+            args.heaps = ["fresh"]
+        rows = []
+        for name in args.models:
+            fresh = run_isolated(name, args, "fresh")
+            rows += merge_heaps(fresh, run_isolated(name, args, "warm")) if "warm" in args.heaps else fresh
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
             "batches": args.batches, "batch_size": args.batch_size, "size": args.size, "rounds": args.rounds,
-            "fvcore": any(r["method"].startswith("fvcore") for r in rows)}
-    print(COLUMNS)
-    print(meta)
+            "fvcore": any(r["method"].startswith("fvcore") for r in rows),
+            "heaps": [args.worker] if args.worker else [] if args.in_process else list(args.heaps)}
+    if not args.worker:
+        for name in dict.fromkeys(r["model"] for r in rows):
+            fx = next(r for r in rows if r["model"] == name and r["method"] == "fxnorm.recalibrate")
+            heaps = ", ".join(f"{fx[key]:.3f} ({label})" for key, label in (
+                ("throughput_vs_eval", "fresh heap" if meta["heaps"] else "this process"),
+                ("throughput_vs_eval_warm_heap", "warm heap")) if key in fx)
+            print(f"{name}: fxnorm.recalibrate throughput over a plain eval forward's: {heaps}")
+        print(COLUMNS)
+        print(meta)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=2)

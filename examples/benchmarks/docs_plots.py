@@ -137,7 +137,12 @@ def plot_recalibration(results: dict[str, Any], path: str) -> bool:
               for m in methods}
     cell = {(r["model"], r["method"]): r for r in rows}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9), dpi=110)
-    _bars(left, models, {m: [cell[(mo, m)]["throughput_vs_eval"] for mo in models] for m in methods}, colors, "%.2f")
+    heaps = [("throughput_vs_eval", "")]
+    if any("throughput_vs_eval_warm_heap" in r for r in rows):
+        heaps = [("throughput_vs_eval", "\nfresh heap"), ("throughput_vs_eval_warm_heap", "\nwarm heap")]
+    speed_groups = [f"{mo}{label}" for mo in models for _, label in heaps]
+    _bars(left, speed_groups, {m: [cell[(mo, m)].get(key, 0.0) for mo in models for key, _ in heaps] for m in methods},
+          colors, "%.2f")
     left.axhline(1.0, color="#555555", lw=0.8, ls="--")
     left.set_ylabel("throughput / eval forward's (higher is better)")
     left.set_ylim(0, 1.35)

@@ -59,3 +59,13 @@ def test_warm_heap_timings_join_the_fresh_rows(bench):
     assert fx["throughput_vs_eval_warm_heap"] == pytest.approx(0.85) and fx["var_rel_err"] == 1e-7
     # the warm heap keeps freed blocks up to 32 MB (glibc's largest mmap threshold) and never trims
     assert int(bench.WARM_HEAP_ENV["MALLOC_MMAP_THRESHOLD_"]) == 32 * 2**20
+
+
+def test_a_model_runs_in_its_own_process_with_the_warm_heap(bench, capfd):
+    args = argparse.Namespace(batches=2, batch_size=2, size=32, rounds=1, device="cpu", threads=1)
+    rows = {r["method"]: r for r in bench.run_isolated("resnet18", args, "warm")}
+    assert "resnet18: 2 batches of 2x3x32x32 (last 2)" in capfd.readouterr().out  # printed by the child
+    assert {"eval forward", "fxnorm.recalibrate", "swa_utils.update_bn"} <= set(rows)
+    fx = rows["fxnorm.recalibrate"]
+    assert fx["img_s"] > 0 and fx["fxnorm_speedup"] == 1.0
+    assert fx["var_rel_err"] is None  # the warm heap is timed only

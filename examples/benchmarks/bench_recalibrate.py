@@ -105,6 +105,21 @@ def shuffled(batches: list[torch.Tensor], seed: int = 2) -> list[torch.Tensor]:
     return list(images[order].split([b.shape[0] for b in batches]))
 
 
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, ...) as float64 ``(C, N * ...)`` on the CPU: one row of values per channel."""
+    return x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()
+
+
+def moments(captured: dict[str, list[torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and unbiased variance per channel of each norm's captured :func:`channel_rows`."""
+    out = {}
+    for name, xs in captured.items():
+        if xs:
+            values = torch.cat(xs, 1)
+            out[name] = (values.mean(1), values.var(1))
+    return out
+
+
 def reference(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Float64 mean and unbiased variance of every norm's input over all batches."""
     ref = copy.deepcopy(model).eval()
@@ -112,12 +127,11 @@ def reference(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[
     for name, m in stat_norms(ref):
         m.train()
         captured[name] = []
-        m.register_forward_pre_hook(lambda mod, args, name=name: captured[name].append(
-            args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1).cpu()))
+        m.register_forward_pre_hook(lambda mod, args, name=name: captured[name].append(channel_rows(args[0])))
     with torch.no_grad():
         for b in batches:
             ref(b)
-    return {name: (torch.cat(xs, 1).mean(1), torch.cat(xs, 1).var(1)) for name, xs in captured.items() if xs}
+    return moments(captured)
 
 
 def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
@@ -139,12 +153,12 @@ def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[floa
     for m in prepared.modules():
         if isinstance(m, NormObserver):
             m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(
-                mod.norm_input(args[0].detach()).double().transpose(0, 1).reshape(args[0].shape[1], -1).cpu()))
+                channel_rows(mod.norm_input(args[0]))))
     with torch.inference_mode():
         for b in batches:
             prepared(b)
     calibrate.convert(prepared)
-    return stats_error(model, {n: (torch.cat(xs, 1).mean(1), torch.cat(xs, 1).var(1)) for n, xs in seen.items()})
+    return stats_error(model, moments(seen))
 
 
 def sync(device: str) -> None:

@@ -46,15 +46,15 @@ _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#:\s*(.+)$")
 #: Section titles of the reference, by the module an object is defined in (others: the module name).
 GROUPS = {
     "fxnorm.errors": "Errors",
-    "fxnorm.tracing": "Tracing",
-    "fxnorm.sites": "Inspection",
-    "fxnorm.render": "Rendering inspection results",
-    "fxnorm.calibrate": "Reset and recalibration",
-    "fxnorm.calib_report": "Reset and recalibration",
-    "fxnorm.select": "Reset and recalibration",
-    "fxnorm.fold": "Folding",
-    "fxnorm.fold_report": "Folding",
-    "fxnorm.affine_fold": "Folding",
+    "fxnorm.graph.tracing": "Tracing",
+    "fxnorm.inspection.sites": "Inspection",
+    "fxnorm.inspection.render": "Rendering inspection results",
+    "fxnorm.calibration.recalibration": "Reset and recalibration",
+    "fxnorm.calibration.report": "Reset and recalibration",
+    "fxnorm.calibration.selection": "Reset and recalibration",
+    "fxnorm.folding.apply": "Folding",
+    "fxnorm.folding.report": "Folding",
+    "fxnorm.folding.norm_affine": "Folding",
 }
 
 

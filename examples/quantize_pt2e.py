@@ -6,7 +6,7 @@ on generated images (smooth random fields: low-resolution noise upsampled, plus 
 noise), so that every norm sees the statistics of the data the model is then evaluated on. The flow:
 
 1. ``fxnorm.export.export_for_quantization(model, example, calibration_data=...)``: on a copy,
-   recalibrate the norms (``fxnorm.calibrate.recalibrate``), fold them (``fxnorm.fold``), and
+   recalibrate the norms (``fxnorm.calibration.recalibration.recalibrate``), fold them (``fxnorm.fold``), and
    ``torch.export.export(..., strict=True).module()``;
 2. torchao: ``prepare_pt2e(graph, quantizer)``, run the calibration batches, ``convert_pt2e``;
 3. compare with the float (folded, recalibrated) program on held-out images: SQNR (dB), cosine

@@ -7,12 +7,12 @@ Example:
     20 norms (BatchNorm2d: 20); 20 foldable, 0 not foldable; 0 untraced parts
 """
 
-from .calibrate import CalibrationReport, LayerStats, convert, prepare, recalibrate, reset
-from .fold import ChannelAffine, FoldedNorm, FoldReport, SkippedNorm, fold, fold_report
+from .calibration.recalibration import CalibrationReport, LayerStats, convert, prepare, recalibrate, reset
+from .folding.apply import ChannelAffine, FoldedNorm, FoldReport, SkippedNorm, fold, fold_report
 from .errors import CalibrationError, DataError, FoldError, FxNormError, ModelLoadError, TraceError
-from .render import format_summary, format_table, format_untraced, report_dict, summarize
-from .sites import NormSite, find_norms
-from .tracing import TraceReport, UntracedPart, trace, trace_report
+from .inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
+from .inspection.sites import NormSite, find_norms
+from .graph.tracing import TraceReport, UntracedPart, trace, trace_report
 
 __all__ = [
     "FxNormError",

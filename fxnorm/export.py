@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FoldError, FxNormError, MissingExtraError, TraceError
-from .fold import fold
-from .fold_report import FoldReport, SkippedNorm, fold_report
-from .kinds import BN_KINDS, norm_kind
+from .folding.apply import fold
+from .folding.report import FoldReport, SkippedNorm, fold_report
+from .graph.kinds import BN_KINDS, norm_kind
 
 __all__ = [
     "BATCH_NORM_OPS", "NORM_OPS", "MissingExtraError", "batch_norm_nodes", "count_batch_norm_ops",
@@ -384,14 +384,14 @@ def export_for_quantization(
 ) -> fx.GraphModule:
     """The normalization-side preparation for PT2E quantization, on a copy of ``model``: eval mode,
     recalibrate the norms' statistics on ``calibration_data`` (if given, with
-    :func:`fxnorm.calibrate.recalibrate`), fold, ``torch.export.export(...).module()``.
+    :func:`fxnorm.calibration.recalibration.recalibrate`), fold, ``torch.export.export(...).module()``.
 
     The result goes to torchao's ``prepare_pt2e(graph_module, quantizer)``. ``model`` is not changed.
 
     Args:
         model: the float model.
         example_inputs: positional arguments of ``model(*example_inputs)``.
-        calibration_data: batches for :func:`fxnorm.calibrate.recalibrate` (a DataLoader, a list...).
+        calibration_data: batches for :func:`fxnorm.calibration.recalibration.recalibrate` (a DataLoader, a list...).
         num_batches: use that many batches of ``calibration_data``.
         dynamic_shapes: passed to ``torch.export.export``.
         strict: ``torch.export.export(..., strict=True)`` (TorchDynamo): it records the
@@ -419,7 +419,7 @@ def export_for_quantization(
                           "inplace=True) and export that instead") from err
     work.eval()
     if calibration_data is not None:
-        from .calibrate import recalibrate
+        from .calibration.recalibration import recalibrate
 
         recalibrate(work, calibration_data, num_batches=num_batches)
     if "fold_strict" in fold_options:

@@ -19,10 +19,16 @@ import torchvision
 from devices import DEVICES
 from torch.optim.swa_utils import update_bn
 
-from fxnorm import calib_data, calib_graph, calib_report, calibrate, observers, plane_stats, select
-from fxnorm.calibrate import convert, prepare, recalibrate, reset
+from fxnorm.calibration import batches as calib_data
+from fxnorm.calibration import graph_rewrite as calib_graph
+from fxnorm.calibration import report as calib_report
+from fxnorm.calibration import recalibration as calibrate
+from fxnorm.calibration import observers as observers
+from fxnorm.calibration import fast_path as plane_stats
+from fxnorm.calibration import selection as select
+from fxnorm.calibration.recalibration import convert, prepare, recalibrate, reset
 from fxnorm.errors import CalibrationError, DataError
-from fxnorm.observers import NormObserver
+from fxnorm.calibration.observers import NormObserver
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

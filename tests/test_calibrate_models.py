@@ -21,9 +21,9 @@ import torch.nn as nn
 import zoo
 from devices import DEVICES
 
-from fxnorm.calibrate import convert, prepare
-from fxnorm.observers import NormObserver
-from fxnorm.select import stat_norms
+from fxnorm.calibration.recalibration import convert, prepare
+from fxnorm.calibration.observers import NormObserver
+from fxnorm.calibration.selection import stat_norms
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -19,8 +19,8 @@ import torchvision
 
 from fxnorm.cli import main, relative_error
 from fxnorm.export import batch_norm_nodes, count_batch_norm_ops
-from fxnorm.render import report_dict
-from fxnorm.sites import find_norms
+from fxnorm.inspection.render import report_dict
+from fxnorm.inspection.sites import find_norms
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -444,7 +444,7 @@ def _write_images(folder: Path) -> list[tuple[Path, tuple[int, int, int]]]:
 
 
 def test_image_folder_batches(tmp_path: Path) -> None:
-    from fxnorm.data import IMAGENET_MEAN, IMAGENET_STD, calibration_data, find_images
+    from fxnorm.cli.images import IMAGENET_MEAN, IMAGENET_STD, calibration_data, find_images
 
     images = _write_images(tmp_path)
     assert find_images(str(tmp_path)) == [str(p) for p, _ in images]
@@ -463,7 +463,7 @@ def test_image_folder_batches(tmp_path: Path) -> None:
 
 
 def test_tensor_files(tmp_path: Path) -> None:
-    from fxnorm.data import calibration_data
+    from fxnorm.cli.images import calibration_data
 
     t = torch.randn(10, 3, 4, 4)
     torch.save(t, tmp_path / "t.pt")
@@ -488,7 +488,7 @@ def test_tensor_files(tmp_path: Path) -> None:
     ],
 )
 def test_bad_tensor_files(tmp_path: Path, content: object, kwargs: dict, needle: str) -> None:
-    from fxnorm.data import calibration_data
+    from fxnorm.cli.images import calibration_data
     from fxnorm.errors import DataError
 
     path = tmp_path / "bad.pt"
@@ -498,7 +498,7 @@ def test_bad_tensor_files(tmp_path: Path, content: object, kwargs: dict, needle:
 
 
 def test_bad_folders(tmp_path: Path) -> None:
-    from fxnorm.data import calibration_data
+    from fxnorm.cli.images import calibration_data
     from fxnorm.errors import DataError
 
     with pytest.raises(DataError, match="no images found"):
@@ -517,7 +517,7 @@ def test_bad_folders(tmp_path: Path) -> None:
 
 
 def test_recalibrate_image_folder(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
-    from fxnorm.data import calibration_data
+    from fxnorm.cli.images import calibration_data
 
     images = tmp_path / "images"
     _write_images(images)

@@ -25,7 +25,7 @@ MARKDOWN = sorted(
     [os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")]
     + [p for p in (os.path.join(ROOT, "README.md"),) if os.path.exists(p)]
 )
-MODULES = sorted(f"fxnorm.{m.name}" for m in pkgutil.iter_modules(fxnorm.__path__))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(fxnorm.__path__, "fxnorm."))
 # Doctests of these scripts run too (they are small); their own skip directives apply.
 SCRIPTS = ["docs/gen_api.py", "examples/domain_shift.py", "examples/benchmarks/make_docs.py",
            "examples/benchmarks/docs_tables.py"]

@@ -27,9 +27,9 @@ from fxnorm.export import (
     norms_with_affine,
     skipped_batch_norms,
 )
-from fxnorm.fold import fold, fold_report
-from fxnorm.kinds import BN_KINDS
-from fxnorm.sites import find_norms
+from fxnorm.folding.apply import fold, fold_report
+from fxnorm.graph.kinds import BN_KINDS
+from fxnorm.inspection.sites import find_norms
 
 FULL = bool(os.environ.get("FXNORM_FULL_ZOO"))
 TOL = 1e-4
@@ -230,7 +230,7 @@ def test_export_for_quantization_recalibrates_a_copy() -> None:
     gm = export_for_quantization(model, x, calibration_data=data)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert count_batch_norm_ops(gm) == 1  # bn_cat
-    from fxnorm.calibrate import recalibrate
+    from fxnorm.calibration.recalibration import recalibrate
 
     expected = recalibrate(_mixed(), data).eval()  # the same model, recalibrated in eager mode
     with torch.no_grad():

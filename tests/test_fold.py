@@ -20,9 +20,9 @@ from torch.fx.experimental.optimization import fuse
 from zoo import randomize_norms, rel_err
 
 from fxnorm.errors import FoldError
-from fxnorm.fold import ChannelAffine, fold, fold_report
-from fxnorm.kinds import BN_KINDS
-from fxnorm.sites import find_norms
+from fxnorm.folding.apply import ChannelAffine, fold, fold_report
+from fxnorm.graph.kinds import BN_KINDS
+from fxnorm.inspection.sites import find_norms
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -516,7 +516,7 @@ def test_report_and_find_norms_of_folded_model():
     assert data["skipped"][0]["name"] == "3" and "not a conv" in data["skipped"][0]["reason"]
     assert [s.name for s in bns_left(folded)] == ["3"]
     assert fold_report(copy.deepcopy(folded)).folded == report.folded  # survives deepcopy
-    with pytest.raises(FoldError, match="did not come from fxnorm.fold"):
+    with pytest.raises(FoldError, match="did not come from fxnorm.folding.apply"):
         fold_report(model)
 
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxnorm import fold_math
+from fxnorm.folding import maths as fold_math
 from fxnorm.errors import FoldError
-from fxnorm.fold_math import (
+from fxnorm.folding.maths import (
     bn_scale_shift,
     fold_affine_into_next_linear,
     fold_bn_into_conv,

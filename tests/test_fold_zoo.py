@@ -31,10 +31,10 @@ import torch.nn as nn
 from torchvision import models as tvm
 
 import zoo
-from fxnorm.fold import fold, fold_report
-from fxnorm.kinds import BN_KINDS, norm_kind
-from fxnorm.sites import find_norms
-from fxnorm.tracing import trace, trace_report
+from fxnorm.folding.apply import fold, fold_report
+from fxnorm.graph.kinds import BN_KINDS, norm_kind
+from fxnorm.inspection.sites import find_norms
+from fxnorm.graph.tracing import trace, trace_report
 
 FAMILIES = ("classification", "segmentation", "video", "detection")
 MODELS = [name for family in FAMILIES for name in zoo.FAMILIES[family]]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.models.video.resnet import Conv3DSimple
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fxnorm.kinds import (
+from fxnorm.graph.kinds import (
     BN_KINDS,
     functional_norm_kind,
     has_running_stats,

@@ -10,8 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torchvision
 
-from fxnorm.calibrate import convert, prepare
-from fxnorm.observers import NormObserver, NormTarget, Session
+from fxnorm.calibration.recalibration import convert, prepare
+from fxnorm.calibration.observers import NormObserver, NormTarget, Session
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 import zoo
-from fxnorm.calibrate import recalibrate
+from fxnorm.calibration.recalibration import recalibrate
 from fxnorm.export import count_batch_norm_ops, export_for_quantization, norms_with_affine
-from fxnorm.fold import fold
+from fxnorm.folding.apply import fold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None

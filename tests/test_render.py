@@ -6,9 +6,9 @@ import json
 
 import torch.nn as nn
 
-from fxnorm.render import format_summary, format_table, format_untraced, report_dict, summarize
-from fxnorm.sites import NormSite, find_norms
-from fxnorm.tracing import UntracedPart
+from fxnorm.inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
+from fxnorm.inspection.sites import NormSite, find_norms
+from fxnorm.graph.tracing import UntracedPart
 from zoo import randomize_norms
 
 

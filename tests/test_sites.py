@@ -1,4 +1,4 @@
-"""fxnorm.sites.find_norms on a hand-built toy zoo: every NormSite field that matters, asserted."""
+"""fxnorm.inspection.sites.find_norms on a hand-built toy zoo: every NormSite field that matters, asserted."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from devices import DEVICES
-from fxnorm.sites import NormSite, find_norms, health_flags
-from fxnorm.tracing import trace
+from fxnorm.inspection.sites import NormSite, find_norms, health_flags
+from fxnorm.graph.tracing import trace
 from zoo import randomize_norms
 
 

@@ -12,9 +12,9 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxnorm import stats
+from fxnorm.calibration import moments as stats
 from fxnorm.errors import CalibrationError
-from fxnorm.stats import ChannelMoments, pooled_moments
+from fxnorm.calibration.moments import ChannelMoments, pooled_moments
 
 
 def reference(batches: list[torch.Tensor], channel_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:

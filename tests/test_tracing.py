@@ -14,7 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from devices import DEVICES
 from fxnorm.errors import FxNormError, TraceError
-from fxnorm.tracing import NormTracer, TraceReport, graph_parts, is_traced, trace, trace_report
+from fxnorm.graph.tracing import NormTracer, TraceReport, graph_parts, is_traced, trace, trace_report
 
 
 class BNAct(nn.BatchNorm2d):

@@ -37,10 +37,10 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import zoo  # noqa: E402  (tests/zoo.py: torchvision models with randomized norms, small inputs)
 
-from fxnorm.fold import fold, fold_report  # noqa: E402
-from fxnorm.kinds import BN_KINDS  # noqa: E402
-from fxnorm.sites import find_norms  # noqa: E402
-from fxnorm.tracing import trace, trace_report  # noqa: E402
+from fxnorm.folding.apply import fold, fold_report  # noqa: E402
+from fxnorm.graph.kinds import BN_KINDS  # noqa: E402
+from fxnorm.inspection.sites import find_norms  # noqa: E402
+from fxnorm.graph.tracing import trace, trace_report  # noqa: E402
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 

@@ -61,8 +61,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
-import fxnorm.calibrate as calibrate  # noqa: E402
-from fxnorm.select import stat_norms  # noqa: E402
+import fxnorm.calibration.recalibration as calibrate  # noqa: E402
+from fxnorm.calibration.selection import stat_norms  # noqa: E402
 
 
 COLUMNS = """columns: img_s = images per second (wall clock); throughput_vs_eval = the method's throughput over a
@@ -146,7 +146,7 @@ def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tenso
 
 def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
     """fxnorm's error against float64 statistics of the inputs its own observers received."""
-    from fxnorm.observers import NormObserver
+    from fxnorm.calibration.observers import NormObserver
 
     prepared = calibrate.prepare(model)
     seen: dict[str, list[torch.Tensor]] = {}

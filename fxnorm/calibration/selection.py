@@ -29,8 +29,8 @@ from typing import Union
 
 import torch.nn as nn
 
-from .errors import CalibrationError
-from .kinds import has_running_stats, norm_kind
+from ..errors import CalibrationError
+from ..graph.kinds import has_running_stats, norm_kind
 
 __all__ = ["Select", "STAT_KINDS", "is_stat_norm", "stat_norms", "matcher", "select_norms", "lazy_uninitialized"]
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from .kinds import layer_kind
+from ..graph.kinds import layer_kind
 
 __all__ = ["copy_sharing_layers", "unshare"]
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = [
     "IMAGENET_MEAN",

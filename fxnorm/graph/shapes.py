@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import FoldError
+from ..errors import FoldError
 from .tracing import graph_parts
 
 __all__ = ["record_shapes"]

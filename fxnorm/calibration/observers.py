@@ -9,13 +9,13 @@ of squares (two fast contiguous reductions; squares about the batch mean for cha
 large against their spread, see :meth:`NormObserver._planes`), pool them in float64 and normalize with
 one eval-mode batch-norm pass, written over the input when it is a fresh conv/linear output nothing
 else reads. Such a producer is called with its bias minus the observer's :attr:`NormObserver.shift`
-(the last batch mean, :class:`fxnorm.calib_graph.ShiftedProducer`), so the sums are centred; the
+(the last batch mean, :class:`fxnorm.calibration.graph_rewrite.ShiftedProducer`), so the sums are centred; the
 observer adds the shift back to the mean it records. Elsewhere (CUDA, channels-last...) one ``torch.batch_norm``
 call in training mode (cuDNN on GPUs) with ``momentum=1`` writes the batch mean and the unbiased
 batch variance into a row of a small scratch table instead of the norm's buffers. Either way the
 per-batch statistics wait in that table; every :data:`ROWS` batches (and at the end) it is checked
 for NaN/Inf and folded into float64 totals with the exact pooled formula
-(:class:`fxnorm.stats.ChannelMoments`), so the forward pays no per-batch synchronization.
+(:class:`fxnorm.calibration.moments.ChannelMoments`), so the forward pays no per-batch synchronization.
 Half/bfloat16 inputs are normalized with float32 statistics.
 
 Instance norms with running statistics normalize each instance by itself, and their population
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _module_mod
 
-from .errors import CalibrationError, DataError
-from .plane_stats import CANCEL, centred_variance, normalize_in_place
-from .stats import ChannelMoments
+from ..errors import CalibrationError, DataError
+from .fast_path import CANCEL, centred_variance, normalize_in_place
+from .moments import ChannelMoments
 
 __all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver", "output_hooked"]
 
@@ -109,7 +109,7 @@ class NormTarget:
     @classmethod
     def for_module(cls, name: str, module: nn.Module, kind: str | None = None) -> NormTarget:
         """The target of a norm module with running statistics."""
-        from .kinds import norm_kind
+        from ..graph.kinds import norm_kind
 
         kind = kind or norm_kind(module) or type(module).__name__
         nbt = getattr(module, "num_batches_tracked", None)
@@ -273,7 +273,7 @@ class NormObserver(nn.Module):
         self.overwrite_input = False
         self.__dict__["producer"] = None  # the module that made the input (its hooks are checked)
         #: per-channel constant the producer subtracted from this call's input (see
-        #: :class:`fxnorm.calib_graph.ShiftedProducer`): the last batch mean, so sums are well centred
+        #: :class:`fxnorm.calibration.graph_rewrite.ShiftedProducer`): the last batch mean, so sums are well centred
         self.__dict__["shift"] = None
         self.shifted = False  # whether the input in flight was shifted (set by the producer, per call)
         self.shiftable = False  # whether the producer can shift (a ShiftedProducer feeds this observer)

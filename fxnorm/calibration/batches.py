@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["model_device", "to_device", "default_forward", "batches_of", "batch_size"]
 

@@ -2,7 +2,7 @@
 
 - :func:`reset`: ``reset_running_stats()`` on the chosen norms (mean 0, var 1, count 0).
 - :func:`prepare`: trace the model (part by part where needed) and put an observer
-  (:class:`fxnorm.observers.NormObserver`) in place of every chosen norm. The prepared model shares
+  (:class:`fxnorm.calibration.observers.NormObserver`) in place of every chosen norm. The prepared model shares
   parameters and buffers with the user's model but running batches through it changes nothing in
   it: the norms normalize with batch statistics, every other module runs in eval mode (flags are
   set for the duration of each forward and put back after it, even when it raises).
@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .calib_data import batches_of, default_forward, model_device, to_device
-from .calib_graph import STATE_ATTR, PreparedState, build_prepared, install_forward, state_of
-from .calib_report import CalibrationReport, LayerStats, layer_stats
-from .errors import CalibrationError, DataError, FxNormError
-from .kinds import is_plain
+from .batches import batches_of, default_forward, model_device, to_device
+from .graph_rewrite import STATE_ATTR, PreparedState, build_prepared, install_forward, state_of
+from .report import CalibrationReport, LayerStats, layer_stats
+from ..errors import CalibrationError, DataError, FxNormError
+from ..graph.kinds import is_plain
 from .observers import NonFiniteStatistics, NormTarget, Session
-from .select import Select, lazy_uninitialized, select_norms
+from .selection import Select, lazy_uninitialized, select_norms
 
 __all__ = ["reset", "prepare", "convert", "recalibrate", "CalibrationReport", "LayerStats", "Select"]
 
@@ -51,7 +51,7 @@ def reset(model: nn.Module, *, select: Select = None, report: bool = False) -> n
 
     Args:
         model: any module; changed in place and returned.
-        select: which norms (see :mod:`fxnorm.select`); all with running statistics by default.
+        select: which norms (see :mod:`fxnorm.calibration.selection`); all with running statistics by default.
         report: also return the qualified names of the norms that were reset.
 
     Raises:
@@ -86,7 +86,7 @@ def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
     Args:
         model: any module with norms that keep running statistics (BatchNorm*, SyncBatchNorm,
             InstanceNorm with ``track_running_stats``).
-        select: which norms (see :mod:`fxnorm.select`); the others run in eval mode, untouched.
+        select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
 
     Returns:
         A ``GraphModule`` when ``model`` traces whole, else a copy of the model's own type whose
@@ -302,7 +302,7 @@ def recalibrate(
             The model itself is not moved.
         forward: ``forward(model, batch)`` for anything else (called with the prepared model).
         progress: show a tqdm progress bar.
-        select: which norms (see :mod:`fxnorm.select`); the others run in eval mode, untouched.
+        select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
         report: also return a :class:`CalibrationReport`.
         all_reduce: see :func:`convert` (default: when running distributed).
 

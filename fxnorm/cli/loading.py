@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 __all__ = [
     "MODEL_FORMS",

@@ -8,7 +8,7 @@ shared modules are put back after every forward, also when it raises.
 
 Example:
     >>> import torch.nn as nn
-    >>> from fxnorm.observers import NormTarget, Session
+    >>> from fxnorm.calibration.observers import NormTarget, Session
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     >>> root = build_prepared(model, [NormTarget.for_module("1", model[1])], Session())[0]
     >>> [n.target for n in root.graph.nodes if n.op == "call_module"]   # the conv's bias gets a shift
@@ -28,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module_mod
 
-from .calib_data import batch_size
-from .errors import CalibrationError
-from .kinds import is_plain
+from .batches import batch_size
+from ..errors import CalibrationError
+from ..graph.kinds import is_plain
 from .observers import NormObserver, NormTarget, Session, output_hooked
-from .tracing import graph_parts, trace
+from ..graph.tracing import graph_parts, trace
 
 __all__ = ["PreparedState", "ShiftedProducer", "state_of", "build_prepared", "install_forward", "set_training"]
 
@@ -137,7 +137,7 @@ class ShiftedProducer(nn.Module):
     or autocast runs are not shifted.
 
     Example:
-        >>> from fxnorm.observers import NormObserver, NormTarget, Session
+        >>> from fxnorm.calibration.observers import NormObserver, NormTarget, Session
         >>> conv, bn = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)
         >>> obs = NormObserver(NormTarget.for_module("bn", bn), Session(), module=bn)
         >>> call = ShiftedProducer(conv, obs)

@@ -4,7 +4,7 @@ parts of the model stayed untraced. The report is attached to the folded model a
 
 Example:
     >>> import torch.nn as nn
-    >>> from fxnorm.fold import fold
+    >>> from fxnorm import fold
     >>> folded = fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
     >>> report = fold_report(folded)
     >>> [(f.name, f.mode, f.into) for f in report.folded], report.skipped
@@ -19,8 +19,8 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import FoldError
-from .tracing import UntracedPart
+from ..errors import FoldError
+from ..graph.tracing import UntracedPart
 
 __all__ = ["FoldedNorm", "SkippedNorm", "FoldReport", "fold_report", "attach_report"]
 
@@ -90,13 +90,13 @@ def fold_report(folded: nn.Module) -> FoldReport:
 
     Example:
         >>> import torch.nn as nn
-        >>> from fxnorm.fold import fold
+        >>> from fxnorm import fold
         >>> fold_report(fold(nn.Sequential(nn.Linear(2, 2)))).folded
         []
     """
     report = getattr(folded, _ATTR, None)
     if not isinstance(report, FoldReport):
         raise FoldError(
-            f"{type(folded).__name__} did not come from fxnorm.fold(): call fxnorm.fold(model) and pass its result"
+            f"{type(folded).__name__} did not come from fxnorm.folding.apply(): call fxnorm.fold(model) and pass its result"
         )
     return report

@@ -1,5 +1,5 @@
 """Find every normalization layer of a model and describe it: :func:`find_norms` returns data
-(:class:`NormSite` dataclasses); rendering lives in :mod:`fxnorm.render`.
+(:class:`NormSite` dataclasses); rendering lives in :mod:`fxnorm.inspection.render`.
 
 Example:
     >>> import torchvision, fxnorm
@@ -18,9 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from .kinds import has_running_stats, is_plain, norm_kind
-from .plan import call_sites, functional_args, node_norm_kind, plan_norm
-from .tracing import graph_parts, is_traced, trace, trace_report
+from ..graph.kinds import has_running_stats, is_plain, norm_kind
+from ..folding.plan import call_sites, functional_args, node_norm_kind, plan_norm
+from ..graph.tracing import graph_parts, is_traced, trace, trace_report
 
 __all__ = ["NormSite", "find_norms", "health_flags"]
 
@@ -175,7 +175,7 @@ def _num_features(module: nn.Module) -> int | None:
 
 
 def _function_site(gm: fx.GraphModule, prefix: str, node: fx.Node, kind: str, root: nn.Module) -> NormSite:
-    from .plan import _fetch  # the plan module owns constant lookups
+    from ..folding.plan import _fetch  # the plan module owns constant lookups
 
     scope = _scope_name(gm, node)
     name, op, ptype = _producer_fields(gm, node)

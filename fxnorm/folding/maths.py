@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import FoldError
+from ..errors import FoldError
 
 __all__ = [
     "bn_scale_shift",

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from .errors import TraceError
+from ..errors import TraceError
 from .kinds import is_plain, known_base
 
 __all__ = ["NormTracer", "UntracedPart", "TraceReport", "trace", "trace_report", "graph_parts"]

@@ -23,13 +23,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .errors import FxNormError, MissingExtraError
+from .. import __version__
+from ..errors import FxNormError, MissingExtraError
 from .loading import MODEL_FORMS, UnknownModelError, default_input_shape, example_inputs, load_model, load_weights
 from .loading import save_model
-from .render import format_summary, format_table, format_untraced, report_dict, summarize
-from .sites import find_norms
-from .tracing import trace, trace_report
+from ..inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
+from ..inspection.sites import find_norms
+from ..graph.tracing import trace, trace_report
 
 __all__ = ["main", "build_parser", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
@@ -292,7 +292,7 @@ def _inspect(args: argparse.Namespace, console: _Console) -> int:
     model, _, device = _load(args, console)
     traced = trace(model, leaf_modules=tuple(args.leaf))
     if args.input_shape is not None:
-        from .fold_shapes import record_shapes
+        from ..graph.shapes import record_shapes
 
         try:
             record_shapes(traced, _inputs(model, args.input_shape, device, "--input-shape"))
@@ -329,19 +329,19 @@ class _Exporter:
 
 
 def _export_program(model: nn.Module, inputs: tuple, path: str) -> None:
-    from .export import export_folded
+    from ..export import export_folded
 
     torch.export.save(export_folded(model, inputs), path)  # a folded model is exported as it is
 
 
 def _export_onnx(model: nn.Module, inputs: tuple, path: str) -> None:
-    from .export import export_onnx
+    from ..export import export_onnx
 
     export_onnx(model, inputs, path)
 
 
 def _require_onnx() -> Any:
-    from .export import require_onnx
+    from ..export import require_onnx
 
     return require_onnx(dynamo=True)  # what _export_onnx uses
 
@@ -366,7 +366,7 @@ def _check_extras(exports: dict[str, str]) -> None:
 
 
 def _fold(args: argparse.Namespace, console: _Console) -> int:
-    from .fold import fold, fold_report
+    from ..folding.apply import fold, fold_report
 
     exports = {flag: getattr(args, flag) for flag in _EXPORTERS if getattr(args, flag, None)}
     _check_extras(exports)
@@ -455,8 +455,8 @@ def _select(args: argparse.Namespace) -> Any:
 
 
 def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
-    from .calibrate import recalibrate
-    from .data import IMAGENET_MEAN, IMAGENET_STD, calibration_data
+    from ..calibration.recalibration import recalibrate
+    from .images import IMAGENET_MEAN, IMAGENET_STD, calibration_data
 
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such file or folder (give a folder of images or a .pt file)")
@@ -491,7 +491,7 @@ def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _reset(args: argparse.Namespace, console: _Console) -> int:
-    from .calibrate import reset
+    from ..calibration.recalibration import reset
 
     model, _, _ = _load(args, console)
     model, names = reset(model, select=_select(args), report=True)

@@ -17,7 +17,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .sites import NormSite
-from .tracing import UntracedPart
+from ..graph.tracing import UntracedPart
 
 __all__ = ["summarize", "format_summary", "format_table", "format_untraced", "report_dict"]
 

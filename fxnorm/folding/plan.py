@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from .kinds import BN_KINDS, functional_norm_kind, has_running_stats, is_plain, layer_kind, norm_kind
+from ..graph.kinds import BN_KINDS, functional_norm_kind, has_running_stats, is_plain, layer_kind, norm_kind
 
 __all__ = [
     "BNConstants", "FoldPlan", "bn_constants", "plan_norm", "call_sites", "describe", "node_norm_kind",

@@ -4,7 +4,7 @@
 when every user of the norm's output is a Linear (or an ``nn.MultiheadAttention`` whose query, key and
 value are all that output, its packed input projection being a Linear) called at one site, gamma and
 beta move into those layers and the norm loses its affine parameters. Shape queries (``x.shape``,
-``x.size()``, ``x.dim()``; see :func:`fxnorm.plan.value_users`) do not count as users: they do not read
+``x.size()``, ``x.dim()``; see :func:`fxnorm.folding.plan.value_users`) do not count as users: they do not read
 the values. Exact up to float rounding.
 GroupNorm normalizes over channel dim 1: its affine part folds into (non-transposed) convs, whose
 zero padding must not see the shift (so beta must be zero, or the conv pads with no zeros).
@@ -14,7 +14,7 @@ mode ``"norm_affine_into_consumer"``.
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> from fxnorm.fold import fold
+    >>> from fxnorm import fold
     >>> block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)).eval()
     >>> nn.init.normal_(block[0].weight); nn.init.normal_(block[0].bias)  # doctest: +ELLIPSIS
     Parameter...
@@ -34,12 +34,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fold_math import fold_affine_into_next_linear, fold_bn_into_next_conv
-from .fold_report import FoldedNorm, FoldReport
-from .kinds import is_plain, layer_kind
+from .maths import fold_affine_into_next_linear, fold_bn_into_next_conv
+from .report import FoldedNorm, FoldReport
+from ..graph.kinds import is_plain, layer_kind
 from .plan import _fetch, describe, node_norm_kind, value_users
-from .sites import _scope_name
-from .tracing import graph_parts
+from ..inspection.sites import _scope_name
+from ..graph.tracing import graph_parts
 
 __all__ = ["fold_norm_affine", "plan_norm_affine", "AffinePlan"]
 
@@ -141,7 +141,7 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
 
     Example:
         >>> import torch.nn as nn, fxnorm
-        >>> from fxnorm.plan import call_sites
+        >>> from fxnorm.folding.plan import call_sites
         >>> gm = fxnorm.trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
         >>> node = [n for n in gm.graph.nodes if n.target == "0"][0]
         >>> [c.target for c in plan_norm_affine(gm, node, call_sites(gm)).consumers]

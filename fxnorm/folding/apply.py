@@ -1,7 +1,7 @@
 """Fold eval-mode batch norms into neighbouring conv/linear layers: same outputs, fewer ops.
 
 :func:`fold` traces the model with :func:`fxnorm.trace` (part by part when it does not trace as a
-whole: every traced part folds), asks :func:`fxnorm.plan.plan_norm` where each norm folds, and
+whole: every traced part folds), asks :func:`fxnorm.folding.plan.plan_norm` where each norm folds, and
 applies the plan until nothing more folds (a fold can enable another: conv -> bn -> bn). Planning
 runs on copies of the graphs, so nothing is changed before everything is known: ``strict=True``
 raises before touching the model, and a failure never leaves a half-folded model behind.
@@ -25,22 +25,22 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .affine_fold import fold_norm_affine
-from .errors import FoldError
-from .fold_math import (
+from .norm_affine import fold_norm_affine
+from ..errors import FoldError
+from .maths import (
     bn_scale_shift,
     fold_bn_into_conv,
     fold_bn_into_linear,
     fold_bn_into_next_conv,
     fold_bn_into_next_linear,
 )
-from .fold_copy import copy_sharing_layers, unshare
-from .fold_report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
-from .fold_shapes import record_shapes
-from .kinds import BN_KINDS, is_plain, layer_kind, norm_kind
+from .copies import copy_sharing_layers, unshare
+from .report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
+from ..graph.shapes import record_shapes
+from ..graph.kinds import BN_KINDS, is_plain, layer_kind, norm_kind
 from .plan import bn_constants, node_norm_kind, plan_norm
-from .sites import _eager_sites, _scope_name
-from .tracing import graph_parts, trace, trace_report
+from ..inspection.sites import _eager_sites, _scope_name
+from ..graph.tracing import graph_parts, trace, trace_report
 
 __all__ = ["fold", "fold_report", "ChannelAffine", "FoldReport", "FoldedNorm", "SkippedNorm"]
 
@@ -310,7 +310,7 @@ def fold(
         standalone: ``"keep"`` leaves unfoldable norms as they are; ``"affine"`` turns each one with
             constant statistics into a :class:`ChannelAffine` (``x * scale + shift``).
         norm_affine: also fold the affine part of LayerNorm/RMSNorm/GroupNorm into the Linear/1x1 conv
-            layers that alone consume them (see :mod:`fxnorm.affine_fold`).
+            layers that alone consume them (see :mod:`fxnorm.folding.norm_affine`).
         example_inputs: positional arguments of ``model(*example_inputs)``; shapes recorded from one run
             decide folds that depend on ranks (Linear -> BatchNorm1d on 2-D input folds, 3-D does not).
         leaf_modules: modules the tracer keeps opaque (classes, qualified names or instances).

@@ -31,7 +31,7 @@ Numerics:
 
 Example:
     >>> import torch
-    >>> from fxnorm.stats import ChannelMoments
+    >>> from fxnorm.calibration.moments import ChannelMoments
     >>> est = ChannelMoments(3)
     >>> for batch in (torch.randn(8, 3, 4, 4), torch.randn(2, 3, 4, 4)):
     ...     batch_mean, batch_var = est.update(batch)
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 __all__ = ["ChannelMoments", "pooled_moments"]
 

@@ -1,0 +1,5 @@
+"""The ``fxnorm`` command line (``fxnorm.cli:main``), its model loading and its image data."""
+
+from .main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, build_parser, main, relative_error
+
+__all__ = ["main", "build_parser", "relative_error", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]

@@ -1,0 +1,2 @@
+"""Inspection: every normalization layer of a model as data (:class:`NormSite`), and its rendering
+as tables and JSON."""

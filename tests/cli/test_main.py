@@ -22,7 +22,7 @@ from fxnorm.export import batch_norm_nodes, count_batch_norm_ops
 from fxnorm.inspection.render import report_dict
 from fxnorm.inspection.sites import find_norms
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 FACTORIES = textwrap.dedent('''
     import torch

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from fxnorm.export import count_batch_norm_ops, export_for_quantization
+from fxnorm import count_batch_norm_ops, export_for_quantization
 
 __all__ = ["images", "make_quantizer", "quantize", "agreement", "weight_noise_sqnr", "run", "main"]
 

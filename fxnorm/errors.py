@@ -1,15 +1,15 @@
-"""The one exception hierarchy of fxnorm.
+"""The one exception hierarchy of fxnorm: every exception fxnorm defines lives here.
 
-Every error fxnorm raises on user input is a :class:`FxNormError`, so callers
-can catch them all with one ``except``. Messages name the layer or node and
-say what to do about it.
+Every error fxnorm raises on user input is a :class:`FxNormError`, so callers can catch them all
+with one ``except``. Messages name the layer or node and say what to do about it.
 
 Example:
-    >>> import fxnorm
+    >>> import torch.nn as nn, fxnorm
     >>> try:
-    ...     fxnorm.fold(model_in_training_mode)          # doctest: +SKIP
+    ...     fxnorm.fold("not a model")
     ... except fxnorm.FxNormError as err:
-    ...     print(err)                                    # doctest: +SKIP
+    ...     print(err)
+    fxnorm.fold expects an nn.Module, got str
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ __all__ = [
     "TraceError",
     "FoldError",
     "CalibrationError",
-    "ModelLoadError",
     "DataError",
+    "NonFiniteStatistics",
+    "ModelLoadError",
+    "UnknownModelError",
+    "UsageError",
     "MissingExtraError",
 ]
 
@@ -41,12 +44,24 @@ class CalibrationError(FxNormError):
     """Resetting or recalibrating normalization statistics failed; the model was left unchanged."""
 
 
+class DataError(FxNormError):
+    """Calibration data could not be read or is unusable (empty, NaN/Inf, wrong shape)."""
+
+
+class NonFiniteStatistics(CalibrationError, DataError):
+    """NaN/Inf statistics (usually NaN/Inf in a calibration batch): both a calibration and a data error."""
+
+
 class ModelLoadError(FxNormError):
     """A model specification (CLI ``MODEL`` argument, weights file) could not be loaded."""
 
 
-class DataError(FxNormError):
-    """Calibration data could not be read or is unusable (empty, NaN/Inf, wrong shape)."""
+class UnknownModelError(ModelLoadError):
+    """``MODEL`` is not one of the accepted forms, or names nothing (the CLI exits with status 2)."""
+
+
+class UsageError(FxNormError):
+    """A bad command-line argument found after parsing (the CLI exits with status 2)."""
 
 
 class MissingExtraError(FxNormError, ImportError):

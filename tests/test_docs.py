@@ -70,8 +70,8 @@ def test_the_api_reference_is_generated_from_the_current_docstrings(gen_api):
 def test_api_reference_shows_signatures_and_docstrings(gen_api):
     text = gen_api.render()
     # a function: its real signature (keyword-only marker, defaults) and its docstring's example
-    entry = text.split("### `trace_report`")[0].split("### `trace`")[1]
-    assert "*,\n    leaf_modules: Iterable[LeafSpec] = ()," in entry
+    entry = text.split("### `trace`")[1].split("\n### ")[0]
+    assert "*,\n    leaf_modules: LeafModules = ()," in entry
     assert "```python\n>>> import torchvision" in entry
     assert "- `inplace`: replace the children of `model` itself." in entry
     # a dataclass: its fields with the ``#:`` comments of the source

@@ -18,18 +18,22 @@ import torch.nn.functional as F
 from devices import DEVICES
 
 import zoo
-from fxnorm.errors import FoldError, FxNormError, TraceError
-from fxnorm.export import (
+from fxnorm import (
+    FoldError,
+    FoldReport,
+    FxNormError,
+    TraceError,
     batch_norm_nodes,
     count_batch_norm_ops,
     export_folded,
     export_for_quantization,
+    find_norms,
+    fold,
     norms_with_affine,
-    skipped_batch_norms,
+    report_of,
 )
-from fxnorm.folding.apply import fold, fold_report
+from fxnorm.export import skipped_batch_norms
 from fxnorm.graph.kinds import BN_KINDS
-from fxnorm.inspection.sites import find_norms
 
 FULL = bool(os.environ.get("FXNORM_FULL_ZOO"))
 TOL = 1e-4
@@ -60,7 +64,8 @@ def _check_zoo_model(name: str, *, export_unfolded: bool) -> None:
             pytest.skip(f"torch.export rejects {name} unfolded: {type(err).__name__}: {err}")
         bn_sites = sum(1 for s in find_norms(model) if s.kind in BN_KINDS)
         assert count_batch_norm_ops(plain) == bn_sites  # the counter sees every batch norm op
-    program, report = export_folded(model, x, report=True)
+    program = export_folded(model, x)
+    report = report_of(program, FoldReport)
     left = count_batch_norm_ops(program)
     assert left == EXPECTED_LEFT.get(name, 0), batch_norm_nodes(program)
     assert left == len([s for s in report.skipped if s.kind in BN_KINDS]), batch_norm_nodes(program)
@@ -128,7 +133,8 @@ def test_every_kind_of_fold_leaves_no_batch_norm_op(device: str) -> None:
     x = (torch.randn(3, 3, 8, 8, device=device),)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert count_batch_norm_ops(torch.export.export(model, x)) == 5
-    program, report = export_folded(model, x, report=True)
+    program = export_folded(model, x)
+    report = report_of(program, FoldReport)
     assert batch_norm_nodes(program) == ["batch_norm"]  # bn_cat alone: its input is a cat, a relu follows
     assert [s.name for s in report.skipped] == ["bn_cat"]
     assert {f.name: f.mode for f in report.folded} == {
@@ -151,7 +157,8 @@ def test_training_mode_batch_norm_is_counted_as_left() -> None:
     model = _mixed()
     model.bn1.train()
     x = (torch.randn(3, 3, 8, 8),)
-    program, report = export_folded(model, x, report=True)
+    program = export_folded(model, x)
+    report = report_of(program, FoldReport)
     assert sorted(s.name for s in report.skipped) == ["bn1", "bn_cat"]
     assert count_batch_norm_ops(program) == 2
 
@@ -160,11 +167,12 @@ def test_already_folded_model_is_exported_as_is() -> None:
     model = _mixed()
     x = (torch.randn(2, 3, 8, 8),)
     folded = fold(model, example_inputs=x)
-    program, report = export_folded(folded, x, report=True)
-    assert report is fold_report(folded)
+    program = export_folded(folded, x)
+    report = report_of(program, FoldReport)
+    assert report is report_of(folded, FoldReport)
     assert count_batch_norm_ops(program) == 1 and [s.name for s in skipped_batch_norms(folded)] == ["bn_cat"]
     with pytest.raises(FoldError, match="bn_cat"):
-        export_folded(model, x, fold_strict=True)
+        export_folded(model, x, strict=True)
 
 
 def test_frozen_batch_norm_left_is_not_a_batch_norm_op() -> None:
@@ -172,7 +180,8 @@ def test_frozen_batch_norm_left_is_not_a_batch_norm_op() -> None:
 
     model = zoo.randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), FrozenBatchNorm2d(4)), seed=2).eval()
     x = (torch.randn(2, 3, 4, 4),)
-    program, report = export_folded(model, x, report=True)
+    program = export_folded(model, x)
+    report = report_of(program, FoldReport)
     assert [(s.name, s.kind) for s in report.skipped] == [("2", "FrozenBatchNorm2d")]
     assert count_batch_norm_ops(program) == 0  # it runs as a mul and an add
     with torch.no_grad():
@@ -230,7 +239,7 @@ def test_export_for_quantization_recalibrates_a_copy() -> None:
     gm = export_for_quantization(model, x, calibration_data=data)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert count_batch_norm_ops(gm) == 1  # bn_cat
-    from fxnorm.calibration.recalibration import recalibrate
+    from fxnorm import recalibrate
 
     expected = recalibrate(_mixed(), data).eval()  # the same model, recalibrated in eager mode
     with torch.no_grad():

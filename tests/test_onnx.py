@@ -14,9 +14,7 @@ import torch.nn as nn
 from test_export import EXPECTED_LEFT, _mixed
 
 import zoo
-from fxnorm.errors import FxNormError
-from fxnorm.export import MissingExtraError, batch_norm_nodes, count_batch_norm_ops, export_onnx
-from fxnorm.folding.apply import fold
+from fxnorm import FxNormError, MissingExtraError, batch_norm_nodes, count_batch_norm_ops, export_onnx, fold
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 HAVE_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None

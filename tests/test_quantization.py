@@ -23,9 +23,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from fxnorm.calibration.recalibration import recalibrate
-from fxnorm.export import count_batch_norm_ops, export_for_quantization, norms_with_affine
-from fxnorm.folding.apply import fold
+from fxnorm import recalibrate, count_batch_norm_ops, export_for_quantization, norms_with_affine, fold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None

@@ -37,10 +37,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import zoo  # noqa: E402  (tests/zoo.py: torchvision models with randomized norms, small inputs)
 
-from fxnorm.folding.apply import fold, fold_report  # noqa: E402
+from fxnorm import FoldReport, TraceReport, find_norms, fold, report_of, trace  # noqa: E402
 from fxnorm.graph.kinds import BN_KINDS  # noqa: E402
-from fxnorm.inspection.sites import find_norms  # noqa: E402
-from fxnorm.graph.tracing import trace, trace_report  # noqa: E402
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 
@@ -101,7 +99,7 @@ def _part_errors(model: nn.Module, folded_fn: Callable[[nn.Module], nn.Module], 
     each received in a reference run (end-to-end outputs go through top-k/NMS)."""
     with torch.no_grad():
         model(*inputs)  # first forward: caches that decide what traces
-    names = [g for g in trace_report(trace(model)).graphs if g]
+    names = [g for g in report_of(trace(model), TraceReport).graphs if g]
     calls: dict[str, list] = {n: [] for n in names}
     handles = [model.get_submodule(n).register_forward_hook(
         lambda m, a, k, o, n=n: calls[n].append((a, k, o)) if len(calls[n]) < 4 else None, with_kwargs=True)
@@ -138,7 +136,7 @@ def coverage_row(name: str, device: str) -> dict[str, Any]:
         with torch.no_grad():
             err = zoo.rel_err(folded(*inputs), ref)
     seconds = time.perf_counter() - t0
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     return {
         "model": name,
         "bn_total": total,

@@ -148,7 +148,7 @@ def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[floa
     """fxnorm's error against float64 statistics of the inputs its own observers received."""
     from fxnorm.calibration.observers import NormObserver
 
-    prepared = calibrate.prepare(model)
+    prepared = calibrate.prepare_recalibration(model)
     seen: dict[str, list[torch.Tensor]] = {}
     for m in prepared.modules():
         if isinstance(m, NormObserver):
@@ -157,7 +157,7 @@ def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[floa
     with torch.inference_mode():
         for b in batches:
             prepared(b)
-    calibrate.convert(prepared)
+    calibrate.finish_recalibration(prepared)
     return stats_error(model, moments(seen))
 
 

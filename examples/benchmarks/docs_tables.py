@@ -288,7 +288,7 @@ def coverage_section(results: dict[str, Any]) -> str:
             "(float32).", ""]
     left = [r for r in rows if r["bn_left_fxnorm"]]
     if left:
-        out += ["Models where fxnorm leaves batch norms (each one is reported by `fold_report` with its reason; "
+        out += ["Models where fxnorm leaves batch norms (each one is reported in the fold report with its reason; "
                 "typically pre-activation norms that read a concatenation and feed a ReLU, as in DenseNet):", "",
                 table(["model", "BN total", "left after fuse", "left after fxnorm"],
                       [[r["model"], r["bn_total"], r["bn_left_fuse"], r["bn_left_fxnorm"]] for r in left],

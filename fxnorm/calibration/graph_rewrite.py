@@ -1,4 +1,4 @@
-"""The graph side of :func:`fxnorm.prepare`: trace in eval mode, put observers in place of the chosen
+"""The graph side of :func:`fxnorm.prepare_recalibration`: trace in eval mode, put observers in place of the chosen
 norms (graph nodes, functional calls of traced-through subclasses, children of untraced glue), and
 wrap the prepared model's forward so that every module runs in eval mode for its duration.
 
@@ -26,22 +26,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as _module_mod
 
 from .batches import batch_size
 from ..errors import CalibrationError
-from ..graph.kinds import is_plain
-from .observers import NormObserver, NormTarget, Session, output_hooked
+from ..graph.calls import bind_node, constant_value
+from ..graph.kinds import functional_norm_kind, is_plain
+from .fast_path import ShiftedProducer, add_into
+from .observers import NormObserver, NormTarget, Session
 from ..graph.tracing import graph_parts, trace
 
 __all__ = ["PreparedState", "ShiftedProducer", "state_of", "build_prepared", "install_forward", "set_training"]
 
 STATE_ATTR = "_fxnorm_calibration"
-_BN_FUNCS = {F.batch_norm: False, torch.batch_norm: True}
-_IN_FUNCS = {F.instance_norm: False, torch.instance_norm: True}
-# argument order of F.batch_norm / F.instance_norm after the input; torch.* put weight and bias first
-_F_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_TORCH_ORDER = ("weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
 # producers whose output is a new tensor that only the graph holds: an observer may normalize over it
 _FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
@@ -52,7 +48,7 @@ _FRESH_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_tra
 
 @dataclass(eq=False)
 class PreparedState:
-    """Everything :func:`convert` needs, kept on the prepared model."""
+    """Everything :func:`fxnorm.finish_recalibration` needs, kept on the prepared model."""
 
     model: nn.Module
     session: Session
@@ -64,10 +60,11 @@ class PreparedState:
 
 
 def state_of(prepared: nn.Module) -> PreparedState:
-    """The state :func:`fxnorm.prepare` left on ``prepared`` (CalibrationError for anything else)."""
+    """The state :func:`fxnorm.prepare_recalibration` left on ``prepared`` (CalibrationError for anything else)."""
     state = getattr(prepared, "__dict__", {}).get(STATE_ATTR)
     if not isinstance(state, PreparedState):
-        raise CalibrationError(f"{type(prepared).__name__} was not made by fxnorm.prepare: call fxnorm.prepare(model) "
+        raise CalibrationError(f"{type(prepared).__name__} was not made by fxnorm.prepare_recalibration: call "
+                               "fxnorm.prepare_recalibration(model) "
                                "first and run the calibration batches through what it returns")
     return state
 
@@ -88,7 +85,7 @@ def install_forward(root: nn.Module, state: PreparedState) -> None:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if state.converted:
-            raise CalibrationError("this prepared model was already converted: call fxnorm.prepare(model) again")
+            raise CalibrationError("this prepared model was already finished: call fxnorm.prepare_recalibration(model) again")
         if state.depth:  # re-entrant call: the outer one owns the flags
             return inner(*args, **kwargs)
         state.depth = 1
@@ -114,65 +111,6 @@ def install_forward(root: nn.Module, state: PreparedState) -> None:
     root.__dict__["forward"] = forward
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones) that must see its real call."""
-    pre = (module._forward_pre_hooks, getattr(_module_mod, "_global_forward_pre_hooks", None))
-    return output_hooked(module) or any(pre)
-
-
-def _autocast(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # older torch: no device argument
-        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
-
-
-class ShiftedProducer(nn.Module):
-    """Calls a conv/linear whose output only a batch-norm observer reads with its bias minus the
-    observer's ``shift`` (the previous batch's mean of that norm's input), so the observer's sums are
-    taken about a point near the mean (no float32 cancellation, no recentring pass). The observer
-    normalizes the shifted input with its own statistics, which gives the same output, and adds the
-    shift back to the mean it records. The shift changes the norm's input only by float32/float64
-    rounding of values near the mean. The first batch, a producer with hooks, and reduced-precision
-    or autocast runs are not shifted.
-
-    Example:
-        >>> from fxnorm.calibration.observers import NormObserver, NormTarget, Session
-        >>> conv, bn = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)
-        >>> obs = NormObserver(NormTarget.for_module("bn", bn), Session(), module=bn)
-        >>> call = ShiftedProducer(conv, obs)
-        >>> x = torch.randn(2, 1, 3, 3)
-        >>> torch.equal(call(x), conv(x)), obs.shifted             # no shift before the first batch
-        (True, False)
-        >>> obs.__dict__["shift"] = torch.tensor([1.0, -2.0])
-        >>> torch.allclose(call(x), conv(x) - torch.tensor([1.0, -2.0]).view(1, -1, 1, 1)), obs.shifted
-        (True, True)
-    """
-
-    def __init__(self, producer: nn.Module, observer: NormObserver) -> None:
-        super().__init__()
-        self.__dict__["producer"] = producer  # the user's module: not registered a second time
-        self.__dict__["observer"] = observer
-
-    def extra_repr(self) -> str:
-        return f"{type(self.producer).__name__}, bias shifted for {self.observer.target.name!r}"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        producer, observer = self.producer, self.observer
-        weight, shift = producer.weight, observer.shift
-        # channels must be dim 1 of the output: batched conv input, 2-d linear input
-        batched = input.dim() == (2 if isinstance(producer, nn.Linear) else weight.dim())
-        if shift is None or not batched or shift.dtype != weight.dtype or shift.device != weight.device \
-                or _hooked(producer) or _autocast(weight.device.type):
-            observer.shifted = False
-            return producer(input)
-        bias = -shift if producer.bias is None else producer.bias - shift
-        observer.shifted = True
-        if isinstance(producer, nn.Linear):
-            return F.linear(input, weight, bias)
-        return producer._conv_forward(input, weight, bias)
-
-
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with its own graph that shares every submodule, parameter and buffer with ``gm``."""
     graph = fx.Graph()
@@ -181,45 +119,24 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, type(gm).__name__)
 
 
-def _fetch(gm: fx.GraphModule, node: Any) -> Any:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+def _constant(gm: fx.GraphModule, value: Any) -> Any:
+    """A ``get_attr`` argument's value (None for anything computed in the graph)."""
+    try:
+        return constant_value(gm, value) if isinstance(value, fx.Node) else None
+    except (LookupError, AttributeError):
         return None
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _functional_call(node: fx.Node) -> tuple[Any, dict[str, Any]] | None:
-    """(input, named arguments in F.batch_norm order) of a functional batch/instance norm node."""
-    if node.op != "call_function":
+    """(input, arguments by ``F.batch_norm`` name) of a functional batch/instance norm node."""
+    kind = functional_norm_kind(node.target) if node.op == "call_function" else None
+    args = bind_node(node) if kind in ("batch_norm", "instance_norm") else None
+    if args is None:
         return None
-    try:
-        torch_order = _BN_FUNCS.get(node.target, _IN_FUNCS.get(node.target))
-    except TypeError:
-        return None
-    if torch_order is None or not node.args:
-        return None
-    order = _TORCH_ORDER if torch_order else _F_ORDER
-    named = dict(zip(order, node.args[1:]))
-    named.update(node.kwargs)
+    named = {k: v for k, v in args.items() if k not in ("input", "cudnn_enabled")}
     if "use_input_stats" in named:
         named["training"] = named.pop("use_input_stats")
-    named.pop("cudnn_enabled", None)
-    return node.args[0], named
-
-
-def _add_into(fresh: Any, other: Any) -> Any:
-    """``fresh + other``, computed in place in ``fresh`` when that gives the same result.
-
-    ``fresh`` is an observer's output that nothing else reads: tracing turns ``out += identity``
-    into an out-of-place ``add``, and the extra allocation is measurable on CPU.
-    """
-    if (isinstance(fresh, torch.Tensor) and isinstance(other, torch.Tensor) and fresh.shape == other.shape
-            and fresh.dtype == other.dtype and fresh.device == other.device and not fresh.requires_grad
-            and not other.requires_grad):
-        return fresh.add_(other)
-    return fresh + other
+    return args["input"], named
 
 
 class _Rewriter:
@@ -247,12 +164,12 @@ class _Rewriter:
                     continue
                 node.target = self.add(gm, self.observer(target, module))
             elif node.op == "call_method" and node.target == "add_" and not node.users:
-                counter = _fetch(gm, node.args[0]) if node.args else None
+                counter = _constant(gm, node.args[0]) if node.args else None
                 if any(counter is t.num_batches_tracked for t in self.by_buffer.values()):
                     graph.erase_node(node)  # a training-mode trace's num_batches_tracked.add_(1)
             else:
                 call = _functional_call(node)
-                target = self.by_buffer.get(id(_fetch(gm, call[1].get("running_mean")))) if call else None
+                target = self.by_buffer.get(id(_constant(gm, call[1].get("running_mean")))) if call else None
                 if target is None:
                     continue
                 name = self.add(gm, self.observer(target, None))
@@ -267,7 +184,7 @@ class _Rewriter:
         gm.recompile()
 
     def inplace_adds(self, gm: fx.GraphModule) -> None:
-        """Give back the in-place residual adds that tracing made out of place (see :func:`_add_into`)."""
+        """Give back the in-place residual adds that tracing made out of place (see :func:`add_into`)."""
         observers = {node for node in gm.graph.nodes
                      if node.op == "call_module" and str(node.target).startswith("_fxnorm_observer_")}
         for node in gm.graph.nodes:
@@ -276,7 +193,7 @@ class _Rewriter:
                 continue
             for i, arg in enumerate(node.args):
                 if arg in observers and len(arg.users) == 1:
-                    node.target = _add_into
+                    node.target = add_into
                     node.args = (arg, node.args[1 - i])
                     break
 

@@ -1,8 +1,8 @@
-"""The observers :func:`fxnorm.prepare` puts in place of normalization layers, and what they gather.
+"""The observers :func:`fxnorm.prepare_recalibration` puts in place of normalization layers, and what they gather.
 
 An observer normalizes its input the way the norm does in training mode (with the statistics of
 the batch) and records those statistics; it never touches the norm's own buffers. Everything a
-norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.convert` writes it back.
+norm's observers gather lives in one :class:`NormTarget`; :func:`fxnorm.finish_recalibration` writes it back.
 
 Batch norms on a CPU with contiguous input reduce each batch to per-(sample, channel) sums and sums
 of squares (two fast contiguous reductions; squares about the batch mean for channels whose mean is
@@ -41,21 +41,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules import module as _module_mod
 
-from ..errors import CalibrationError, DataError
-from .fast_path import CANCEL, centred_variance, normalize_in_place
+from ..errors import CalibrationError, NonFiniteStatistics
+from .fast_path import CANCEL, centred_variance, normalize_in_place, output_hooked
 from .moments import ChannelMoments
 
-__all__ = ["ROWS", "NonFiniteStatistics", "Session", "NormTarget", "NormObserver", "output_hooked"]
+__all__ = ["ROWS", "Session", "NormTarget", "NormObserver"]
 
 #: Batches whose statistics wait in a target's scratch table before they are merged in float64.
 ROWS = 8
 _MAX_LISTED = 8
-
-
-class NonFiniteStatistics(CalibrationError, DataError):
-    """NaN/Inf statistics (usually NaN/Inf in a calibration batch): both a calibration and a data error."""
 
 
 @dataclass(eq=False)
@@ -230,24 +225,6 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def output_hooked(module: nn.Module | None) -> bool:
-    """Whether a forward hook may see (and keep) ``module``'s output: its own forward hooks, or
-    global ones (which see every module's output; ``module`` None: only those).
-
-    Example:
-        >>> conv = nn.Conv2d(1, 1, 1)
-        >>> before = output_hooked(conv)
-        >>> handle = conv.register_forward_hook(lambda m, args, out: None)
-        >>> before, output_hooked(conv)
-        (False, True)
-    """
-    own = module is not None and bool(module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
-    return own or bool(getattr(_module_mod, "_global_forward_hooks", None))
-
-
-_FUNCTIONAL_ORDER = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-
-
 class NormObserver(nn.Module):
     """Stands in for a norm during calibration: normalizes with batch statistics and records them.
 
@@ -268,7 +245,7 @@ class NormObserver(nn.Module):
         self.__dict__["target"] = target
         self.__dict__["session"] = session
         self.__dict__["norm"] = module
-        #: set by :func:`fxnorm.prepare` when the input is a fresh conv/linear output that nothing else
+        #: set by :func:`fxnorm.prepare_recalibration` when the input is a fresh conv/linear output that nothing else
         #: reads: the normalized output is then written over it (see :meth:`_may_overwrite`)
         self.overwrite_input = False
         self.__dict__["producer"] = None  # the module that made the input (its hooks are checked)
@@ -289,7 +266,7 @@ class NormObserver(nn.Module):
             return input
         return input + self.shift.view(-1, *([1] * (input.dim() - 2))).to(input.dtype)
 
-    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, input: Tensor, **kwargs: Any) -> Tensor:
         target, session = self.target, self.session
         if target.calls == 0:
             target.order = session.order()
@@ -299,8 +276,7 @@ class NormObserver(nn.Module):
             weight, bias, eps = norm.weight, norm.bias, norm.eps
             mean, var = target.running_mean, target.running_var
         else:
-            values = dict(zip(_FUNCTIONAL_ORDER, args))
-            values.update(kwargs)
+            values = kwargs  # a functional call site: its arguments by F.batch_norm name
             weight, bias, eps = values.get("weight"), values.get("bias"), float(values.get("eps", 1e-5))
             mean, var = values.get("running_mean", target.running_mean), values.get("running_var", target.running_var)
         if target.instance:

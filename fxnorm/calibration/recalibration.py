@@ -1,12 +1,12 @@
 """Reset and recalibrate the running statistics of normalization layers, as a graph pass.
 
 - :func:`reset`: ``reset_running_stats()`` on the chosen norms (mean 0, var 1, count 0).
-- :func:`prepare`: trace the model (part by part where needed) and put an observer
+- :func:`prepare_recalibration`: trace the model (part by part where needed) and put an observer
   (:class:`fxnorm.calibration.observers.NormObserver`) in place of every chosen norm. The prepared model shares
   parameters and buffers with the user's model but running batches through it changes nothing in
   it: the norms normalize with batch statistics, every other module runs in eval mode (flags are
   set for the duration of each forward and put back after it, even when it raises).
-- :func:`convert`: write the pooled statistics into the norms' buffers, all or nothing, and return
+- :func:`finish_recalibration`: write the pooled statistics into the norms' buffers, all or nothing, and return
   the user's model (same object, type, ``state_dict`` keys; no hook left anywhere).
 - :func:`recalibrate`: the three in one call, under ``torch.inference_mode``.
 
@@ -20,7 +20,9 @@ Example:
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
     >>> data = [torch.randn(4, 3, 16, 16) for _ in range(3)]          # a DataLoader works the same
-    >>> model, report = recalibrate(model, data, report=True)
+    >>> import fxnorm
+    >>> model = recalibrate(model, data)
+    >>> report = fxnorm.report_of(model, CalibrationReport)
     >>> len(report.layers), report.num_batches, report.num_samples, model[1].num_batches_tracked.item()
     (2, 3, 12, 3)
 """
@@ -36,23 +38,25 @@ import torch.nn as nn
 
 from .batches import batches_of, default_forward, model_device, to_device
 from .graph_rewrite import STATE_ATTR, PreparedState, build_prepared, install_forward, state_of
-from .report import CalibrationReport, LayerStats, layer_stats
+from .report import CalibrationReport, ResetReport, layer_stats
 from ..errors import CalibrationError, DataError, FxNormError
 from ..graph.kinds import is_plain
-from .observers import NonFiniteStatistics, NormTarget, Session
+from ..errors import NonFiniteStatistics
+from ..reports import record_report
+from .observers import NormTarget, Session
 from .selection import Select, lazy_uninitialized, select_norms
 
-__all__ = ["reset", "prepare", "convert", "recalibrate", "CalibrationReport", "LayerStats", "Select"]
+__all__ = ["reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
 
 
-def reset(model: nn.Module, *, select: Select = None, report: bool = False) -> nn.Module | tuple[nn.Module, list[str]]:
+def reset(model: nn.Module, *, select: Select = None) -> nn.Module:
     """Reset the running statistics of the chosen norms with their own ``reset_running_stats()``:
     ``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0 (in the buffers' dtype and device).
 
     Args:
-        model: any module; changed in place and returned.
+        model: any module; changed in place and returned. ``fxnorm.report_of(model, ResetReport)``
+            names the norms that were reset.
         select: which norms (see :mod:`fxnorm.calibration.selection`); all with running statistics by default.
-        report: also return the qualified names of the norms that were reset.
 
     Raises:
         CalibrationError: no norm with running statistics, ``select`` matches none or is malformed
@@ -62,26 +66,27 @@ def reset(model: nn.Module, *, select: Select = None, report: bool = False) -> n
         >>> import torch.nn as nn
         >>> m = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
         >>> _ = m[0].running_mean.fill_(3.0)
-        >>> m, names = reset(m, select="0", report=True)
-        >>> names, m[0].running_mean.tolist()
+        >>> import fxnorm
+        >>> m = reset(m, select="0")
+        >>> fxnorm.report_of(m, ResetReport).names, m[0].running_mean.tolist()
         (['0'], [0.0, 0.0])
     """
     chosen = [(name, m) for name, m in select_norms(model, select) if not lazy_uninitialized(m)]
     with torch.no_grad():
         for _, module in chosen:
             module.reset_running_stats()
-    names = [name for name, _ in chosen]
-    return (model, names) if report else model
+    record_report(model, ResetReport([name for name, _ in chosen]))
+    return model
 
 
-def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
+def prepare_recalibration(model: nn.Module, *, select: Select = None) -> nn.Module:
     """Trace ``model`` and put observers in place of its chosen norms, ready for calibration batches.
 
     Run batches through the returned module (under ``torch.inference_mode()`` to save memory) and
-    call :func:`convert`. Until then nothing in ``model`` changes: the prepared model shares its
+    call :func:`finish_recalibration`. Until then nothing in ``model`` changes: the prepared model shares its
     parameters and buffers but never writes them; the norms normalize with batch statistics and
     every other module runs in eval mode (dropout and stochastic depth off) for each forward. Do not
-    move ``model`` (``.to()``) between :func:`prepare` and :func:`convert`.
+    move ``model`` (``.to()``) between :func:`prepare_recalibration` and :func:`finish_recalibration`.
 
     Args:
         model: any module with norms that keep running statistics (BatchNorm*, SyncBatchNorm,
@@ -99,14 +104,14 @@ def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
-        >>> prepared = prepare(model)
+        >>> prepared = prepare_recalibration(model)
         >>> with torch.inference_mode():
         ...     _ = prepared(torch.randn(2, 3, 8, 8))
-        >>> convert(prepared) is model, model[1].num_batches_tracked.item()
+        >>> finish_recalibration(prepared) is model, model[1].num_batches_tracked.item()
         (True, 1)
     """
     if isinstance(model, nn.Module) and STATE_ATTR in model.__dict__:
-        raise CalibrationError("this model is already prepared: run the batches through it and call fxnorm.convert")
+        raise CalibrationError("this model is already prepared: run the batches through it and call fxnorm.finish_recalibration")
     chosen = select_norms(model, select)
     lazy = [name for name, m in chosen if lazy_uninitialized(m)]
     if lazy:
@@ -154,10 +159,10 @@ def _local_checks(state: PreparedState) -> None:
     """What must hold on this process before anything is merged (raises the first problem)."""
     session = state.session
     if session.failed:
-        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare() are incomplete and were not "
-                               "written; the model is unchanged (call fxnorm.prepare(model) again)")
+        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare_recalibration() are incomplete and were not "
+                               "written; the model is unchanged (call fxnorm.prepare_recalibration(model) again)")
     if session.num_batches == 0:
-        raise DataError("no batch was run through the prepared model: nothing to convert; the model is unchanged")
+        raise DataError("no batch was run through the prepared model: nothing to write; the model is unchanged")
     failure = _first_failure(state.targets)
     if failure is not None:
         raise failure
@@ -190,7 +195,7 @@ def _new_statistics(state: PreparedState) -> dict[int, tuple[torch.Tensor, torch
     for t in state.targets:
         if t.module is not None and (t.module.running_mean is not t.running_mean
                                      or t.module.running_var is not t.running_var):
-            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare() (model.to()?): "
+            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare_recalibration() (model.to()?): "
                                    "nothing was written; prepare again after moving the model")
         if t.updates == 0 or t.count < 2:
             continue
@@ -209,17 +214,15 @@ def _new_statistics(state: PreparedState) -> dict[int, tuple[torch.Tensor, torch
     return new
 
 
-def convert(prepared: nn.Module, *, report: bool = False,
-            all_reduce: bool | None = None) -> nn.Module | tuple[nn.Module, CalibrationReport]:
-    """Write the statistics gathered by a model from :func:`prepare` into its norms and return the model.
+def finish_recalibration(prepared: nn.Module, *, all_reduce: bool | None = None) -> nn.Module:
+    """Write the statistics gathered by a model from :func:`prepare_recalibration` into its norms and return the model.
 
     All or nothing: every value is computed and checked before the first buffer is written. A norm
     gets ``running_mean`` = pooled mean, ``running_var`` = pooled unbiased variance (in the buffers'
     dtype) and ``num_batches_tracked`` = calls pooled; norms never reached are left untouched.
 
     Args:
-        prepared: what :func:`prepare` returned, after the calibration batches ran through it.
-        report: also return a :class:`CalibrationReport`.
+        prepared: what :func:`prepare_recalibration` returned, after the calibration batches ran through it.
         all_reduce: pool the statistics of every process of ``torch.distributed`` (every rank must
             call it). Default: when ``torch.distributed`` is initialized with more than one process.
 
@@ -231,21 +234,23 @@ def convert(prepared: nn.Module, *, report: bool = False,
     Example:
         >>> import torch, torch.nn as nn
         >>> bn = nn.BatchNorm1d(1)
-        >>> prepared = prepare(bn)
+        >>> prepared = prepare_recalibration(bn)
         >>> _ = prepared(torch.tensor([[1.0], [3.0]])); _ = prepared(torch.tensor([[5.0], [7.0], [9.0]]))
-        >>> bn, rep = convert(prepared, report=True)   # pooled over 1, 3, 5, 7, 9
+        >>> import fxnorm
+        >>> bn = finish_recalibration(prepared)   # pooled over 1, 3, 5, 7, 9
+        >>> rep = fxnorm.report_of(bn, CalibrationReport)
         >>> bn.running_mean.tolist(), bn.running_var.tolist(), rep.layers[0].count
         ([5.0], [10.0], 5)
     """
     state = state_of(prepared)
     session, targets = state.session, state.targets
     if state.converted:
-        raise CalibrationError("this prepared model was already converted: call fxnorm.prepare(model) again")
+        raise CalibrationError("this prepared model was already finished: call fxnorm.prepare_recalibration(model) again")
     if all_reduce is None:
         all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with torch.no_grad():
         if not all_reduce:
-            _local_checks(state)  # a failure here leaves the prepared model usable (run batches, convert again)
+            _local_checks(state)  # a failure here leaves the prepared model usable (run batches, finish again)
         try:
             _gather(state, all_reduce)
             new = _new_statistics(state)
@@ -253,7 +258,7 @@ def convert(prepared: nn.Module, *, report: bool = False,
             layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
                                   float(getattr(t.module, "eps", 1e-5))) for t in order]
         except BaseException as err:  # merged or all-reduced already: these statistics cannot be used again
-            session.failed = session.failed or f"convert() failed ({type(err).__name__})"
+            session.failed = session.failed or f"finish_recalibration() failed ({type(err).__name__})"
             raise
         for t in order:  # nothing below can fail
             mean, var = new[id(t)]
@@ -271,7 +276,8 @@ def convert(prepared: nn.Module, *, report: bool = False,
         unusable=[t.name for t in targets if t.calls and id(t) not in new],
         unsupported=dict(state.unsupported),
     )
-    return (state.model, result) if report else state.model
+    record_report(state.model, result)
+    return state.model
 
 
 def recalibrate(
@@ -283,12 +289,11 @@ def recalibrate(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = False,
     select: Select = None,
-    report: bool = False,
     all_reduce: bool | None = None,
-) -> nn.Module | tuple[nn.Module, CalibrationReport]:
+) -> nn.Module:
     """Recompute the running statistics of ``model``'s norms from ``data``, in place, exactly.
 
-    :func:`prepare`, run every batch under ``torch.inference_mode()``, :func:`convert`. If anything
+    :func:`prepare_recalibration`, run every batch under ``torch.inference_mode()``, :func:`finish_recalibration`. If anything
     fails (empty data, a batch the model rejects, NaN/Inf, an interrupt) the model is exactly as
     before: statistics, modes, momentum.
 
@@ -303,8 +308,7 @@ def recalibrate(
         forward: ``forward(model, batch)`` for anything else (called with the prepared model).
         progress: show a tqdm progress bar.
         select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
-        report: also return a :class:`CalibrationReport`.
-        all_reduce: see :func:`convert` (default: when running distributed).
+        all_reduce: see :func:`finish_recalibration` (default: when running distributed).
 
     Raises:
         DataError: no batch, a batch of an unknown kind, the data iterator raised, NaN/Inf input.
@@ -325,7 +329,7 @@ def recalibrate(
         raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
     target_device = torch.device(device) if device is not None else model_device(model)
     batches = batches_of(data)
-    prepared = prepare(model, select=select)
+    prepared = prepare_recalibration(model, select=select)
     total = num_batches
     if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
         total = len(data)
@@ -365,4 +369,4 @@ def recalibrate(
             bar.close()
     if index == 0:
         raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
-    return convert(prepared, report=report, all_reduce=all_reduce)
+    return finish_recalibration(prepared, all_reduce=all_reduce)

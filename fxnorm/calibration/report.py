@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["LayerStats", "CalibrationReport", "layer_stats"]
+from ..errors import CalibrationError, FxNormError
+from ..reports import Report
+
+__all__ = ["LayerStats", "CalibrationReport", "ResetReport", "layer_stats"]
 
 
 @dataclass
@@ -36,8 +39,11 @@ class LayerStats:
 
 
 @dataclass
-class CalibrationReport:
-    """The outcome of :func:`fxnorm.recalibrate` / :func:`fxnorm.convert`."""
+class CalibrationReport(Report):
+    """The outcome of :func:`fxnorm.recalibrate` / :func:`fxnorm.finish_recalibration`."""
+
+    missing_error: ClassVar[type[FxNormError]] = CalibrationError
+    made_by: ClassVar[str] = "fxnorm.recalibrate (or fxnorm.finish_recalibration)"
 
     layers: list[LayerStats]  #: the norms whose statistics were written, in the order they were reached
     unreached: list[str]  #: selected norms the forward never called (left untouched)
@@ -57,6 +63,20 @@ class CalibrationReport:
             ['b']
         """
         return sorted(self.layers, key=lambda s: s.moved, reverse=True)[:k]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+@dataclass
+class ResetReport(Report):
+    """The outcome of :func:`fxnorm.reset`."""
+
+    missing_error: ClassVar[type[FxNormError]] = CalibrationError
+    made_by: ClassVar[str] = "fxnorm.reset"
+
+    names: list[str]  #: qualified names of the norms whose statistics were reset
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

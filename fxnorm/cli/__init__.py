@@ -1,5 +1,5 @@
 """The ``fxnorm`` command line (``fxnorm.cli:main``), its model loading and its image data."""
 
-from .main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, build_parser, main, relative_error
+from .main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, main, relative_error
 
-__all__ = ["main", "build_parser", "relative_error", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "relative_error", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]

@@ -30,11 +30,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnknownModelError
 
 __all__ = [
     "MODEL_FORMS",
-    "UnknownModelError",
     "load_model",
     "load_weights",
     "save_model",
@@ -50,10 +49,6 @@ MODEL_FORMS = (
 )
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-class UnknownModelError(ModelLoadError):
-    """``MODEL`` is not one of the accepted forms, or names nothing (the CLI exits with status 2)."""
 
 
 def _torchvision_names() -> list[str]:

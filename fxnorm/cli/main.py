@@ -23,22 +23,19 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .. import __version__
-from ..errors import FxNormError, MissingExtraError
-from .loading import MODEL_FORMS, UnknownModelError, default_input_shape, example_inputs, load_model, load_weights
+from ..errors import FxNormError, MissingExtraError, UnknownModelError, UsageError
+from ..version import __version__
+from .loading import MODEL_FORMS, default_input_shape, example_inputs, load_model, load_weights
 from .loading import save_model
 from ..inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
 from ..inspection.sites import find_norms
-from ..graph.tracing import trace, trace_report
+from ..graph.tracing import trace, traced_report
+from ..reports import report_of
 
-__all__ = ["main", "build_parser", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "torchvision:resnet18"
-
-
-class UsageError(FxNormError):
-    """A bad command-line argument found after parsing (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -302,7 +299,7 @@ def _inspect(args: argparse.Namespace, console: _Console) -> int:
             raise FxNormError(f"running {args.model} on inputs of shape {args.input_shape} failed: "
                               f"{type(err).__name__}: {err}") from err
     sites = find_norms(traced)
-    untraced = trace_report(traced).untraced
+    untraced = traced_report(traced).untraced
     if args.format == "json":
         console.json(report_dict(args.model, sites, untraced))
         return EXIT_OK
@@ -366,7 +363,8 @@ def _check_extras(exports: dict[str, str]) -> None:
 
 
 def _fold(args: argparse.Namespace, console: _Console) -> int:
-    from ..folding.apply import fold, fold_report
+    from ..folding.apply import fold
+    from ..folding.report import FoldReport
 
     exports = {flag: getattr(args, flag) for flag in _EXPORTERS if getattr(args, flag, None)}
     _check_extras(exports)
@@ -379,11 +377,11 @@ def _fold(args: argparse.Namespace, console: _Console) -> int:
 
     before_traced = trace(model, leaf_modules=tuple(args.leaf))
     before = find_norms(before_traced)
-    untraced = trace_report(before_traced).untraced
+    untraced = traced_report(before_traced).untraced
     console.log("folding")
     folded = fold(model, strict=args.strict, standalone=args.standalone, norm_affine=args.norm_affine,
                   example_inputs=inputs if args.input_shape is not None else None, leaf_modules=tuple(args.leaf))
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     after = find_norms(folded)
 
     check: dict[str, Any] | None = None
@@ -456,6 +454,7 @@ def _select(args: argparse.Namespace) -> Any:
 
 def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
     from ..calibration.recalibration import recalibrate
+    from ..calibration.report import CalibrationReport
     from .images import IMAGENET_MEAN, IMAGENET_STD, calibration_data
 
     if not os.path.exists(args.data):
@@ -464,8 +463,9 @@ def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
     data = calibration_data(args.data, batch_size=args.batch_size, image_size=args.image_size,
                             mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD)
     console.log(f"recalibrating on {args.data} ({len(data)} batch(es) available)")
-    model, report = recalibrate(model, data, num_batches=args.num_batches, device=device,
-                                progress=console.progress, select=_select(args), report=True)
+    model = recalibrate(model, data, num_batches=args.num_batches, device=device, progress=console.progress,
+                        select=_select(args))
+    report = report_of(model, CalibrationReport)
     save_model(model, args.output)
     console.log(f"saved {args.output}")
     if args.format == "json":
@@ -492,9 +492,11 @@ def _recalibrate(args: argparse.Namespace, console: _Console) -> int:
 
 def _reset(args: argparse.Namespace, console: _Console) -> int:
     from ..calibration.recalibration import reset
+    from ..calibration.report import ResetReport
 
     model, _, _ = _load(args, console)
-    model, names = reset(model, select=_select(args), report=True)
+    model = reset(model, select=_select(args))
+    names = report_of(model, ResetReport).names
     save_model(model, args.output)
     console.log(f"saved {args.output}")
     if args.format == "json":

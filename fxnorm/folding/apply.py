@@ -11,7 +11,8 @@ Example:
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     >>> folded = fold(model)
     >>> x = torch.randn(1, 3, 8, 8)
-    >>> torch.allclose(folded(x), model(x), atol=1e-5), fold_report(folded).folded[0].into
+    >>> import fxnorm
+    >>> torch.allclose(folded(x), model(x), atol=1e-5), fxnorm.report_of(folded, FoldReport).folded[0].into
     (True, '0')
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.fx as fx
@@ -35,16 +37,19 @@ from .maths import (
     fold_bn_into_next_linear,
 )
 from .copies import copy_sharing_layers, unshare
-from .report import FoldedNorm, FoldReport, SkippedNorm, attach_report, fold_report
+from .report import FoldedNorm, FoldReport, SkippedNorm
 from ..graph.shapes import record_shapes
 from ..graph.kinds import BN_KINDS, is_plain, layer_kind, norm_kind
-from .plan import bn_constants, node_norm_kind, plan_norm
-from ..inspection.sites import _eager_sites, _scope_name
-from ..graph.tracing import graph_parts, trace, trace_report
+from .plan import bn_constants, plan_norm
+from ..graph.calls import node_norm_kind, scope_name
+from ..graph.tracing import LeafModules, eager_norms, eager_reason, graph_parts, qualified_name, trace, traced_report
+from ..reports import record_report
 
-__all__ = ["fold", "fold_report", "ChannelAffine", "FoldReport", "FoldedNorm", "SkippedNorm"]
+__all__ = ["Standalone", "fold", "ChannelAffine"]
 
-_STANDALONE = ("keep", "affine")
+#: What :func:`fold` does with a batch norm that cannot fold (see its ``standalone`` argument).
+Standalone = Literal["keep", "affine"]
+
 
 
 class ChannelAffine(nn.Module):
@@ -94,14 +99,10 @@ class _PartPlan:
     skipped: list[tuple[SkippedNorm, bool]] = field(default_factory=list)  # (site, has BN-kind)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def _norm_name(gm: fx.GraphModule, prefix: str, node: fx.Node) -> str:
     if node.op == "call_module":
-        return _join(prefix, str(node.target))
-    return _join(prefix, _scope_name(gm, node))
+        return qualified_name(prefix, str(node.target))
+    return qualified_name(prefix, scope_name(gm, node))
 
 
 def _graph_sites(graphs: list[tuple[fx.GraphModule, fx.Graph]]) -> dict[int, list[fx.Node]]:
@@ -180,7 +181,7 @@ def _plan_part(part: _PartPlan, sites: dict[int, list[fx.Node]], standalone: str
         if standalone == "affine" and not isinstance(consts, str) and node not in reasons:
             scale, shift = bn_scale_shift(consts.running_mean, consts.running_var, consts.eps,
                                           consts.weight, consts.bias)
-            base = str(node.target) if node.op == "call_module" else f"{_scope_name(gm, node)}_affine"
+            base = str(node.target) if node.op == "call_module" else f"{scope_name(gm, node)}_affine"
             target = base if node.op == "call_module" else _free_name(gm, base.replace(".", "_"), taken)
             part.actions.append(_Action(name, kind, "affine", target, scale, shift))
             with graph.inserting_before(node):
@@ -218,7 +219,7 @@ def _compute(parts: list[_PartPlan]) -> dict[int, tuple[nn.Module, torch.Tensor,
                 else:
                     w, b = fold_bn_into_next_conv(w, b, act.scale, act.shift, groups=layer.groups)
             except FoldError as err:
-                raise FoldError(f"folding {act.name} into {_join(part.prefix, act.layer)} failed: {err}; the model "
+                raise FoldError(f"folding {act.name} into {qualified_name(part.prefix, act.layer)} failed: {err}; the model "
                                 "was left unchanged") from err
             pending[id(layer)] = (layer, w, b)
     return pending  # type: ignore[return-value]
@@ -294,10 +295,10 @@ def fold(
     *,
     inplace: bool = False,
     strict: bool = False,
-    standalone: str = "keep",
+    standalone: Standalone = "keep",
     norm_affine: bool = False,
     example_inputs: tuple | None = None,
-    leaf_modules: tuple = (),
+    leaf_modules: LeafModules = (),
 ) -> nn.Module:
     """Fold every eval-mode batch norm of ``model`` that folds exactly into a neighbouring conv/linear.
 
@@ -317,7 +318,7 @@ def fold(
 
     Returns:
         The folded model (a ``GraphModule``, or the model with its traceable parts as ``GraphModule``).
-        :func:`fold_report` gives what folded where and what was skipped and why.
+        ``fxnorm.report_of(folded, FoldReport)`` gives what folded where and what was skipped and why.
 
     Raises:
         FoldError: bad arguments, ``strict=True`` with norms that cannot fold, or example inputs that do
@@ -326,13 +327,15 @@ def fold(
     Example:
         >>> import torchvision
         >>> folded = fold(torchvision.models.resnet18().eval())
-        >>> len(fold_report(folded).folded), fold_report(folded).skipped
+        >>> import fxnorm
+        >>> report = fxnorm.report_of(folded, FoldReport)
+        >>> len(report.folded), report.skipped
         (20, [])
     """
     if not isinstance(model, nn.Module):
         raise FoldError(f"fxnorm.fold expects an nn.Module, got {type(model).__name__}")
-    if standalone not in _STANDALONE:
-        raise FoldError(f"standalone must be one of {_STANDALONE}, got {standalone!r}")
+    if standalone not in get_args(Standalone):
+        raise FoldError(f"standalone must be one of {get_args(Standalone)}, got {standalone!r}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
@@ -355,10 +358,10 @@ def fold(
     sites = _graph_sites([(p.gm, p.graph) for p in parts])
     for part in parts:
         _plan_part(part, sites, standalone)
-    report = FoldReport(untraced=list(trace_report(traced).untraced))
-    reasons = {u.name: u.reason for u in report.untraced}
-    eager = [(SkippedNorm(s.name, s.kind, s.reason or "runs in untraced code"), s.kind in BN_KINDS)
-             for s in _eager_sites(traced, reasons)]
+    trace_info = traced_report(traced)
+    report = FoldReport(untraced=list(trace_info.untraced))
+    eager = [(SkippedNorm(name, kind, eager_reason(name, trace_info)), kind in BN_KINDS)
+             for name, _, kind in eager_norms(traced)]
     left = [site for part in parts for site in part.skipped] + eager
     seen = {a.name for part in parts for a in part.actions} | {s.name for s, _ in left}
     left += [(SkippedNorm(name, kind, f"{cls} overrides forward() and its traced code calls no batch_norm with "
@@ -371,10 +374,10 @@ def fold(
     _commit(parts)
     for part in parts:
         for act in part.actions:
-            report.folded.append(FoldedNorm(act.name, act.kind, act.mode, _join(part.prefix, act.layer)))
+            report.folded.append(FoldedNorm(act.name, act.kind, act.mode, qualified_name(part.prefix, act.layer)))
     report.skipped = [s for s, _ in left]
     if norm_affine:
         fold_norm_affine(traced, report)
     unshare(traced, shared)
-    attach_report(traced, report)
+    record_report(traced, report)
     return traced

@@ -37,16 +37,13 @@ import torch.nn as nn
 from .maths import fold_affine_into_next_linear, fold_bn_into_next_conv
 from .report import FoldedNorm, FoldReport
 from ..graph.kinds import is_plain, layer_kind
-from .plan import _fetch, describe, node_norm_kind, value_users
-from ..inspection.sites import _scope_name
-from ..graph.tracing import graph_parts
+from ..graph.calls import bind_node, constant_value, describe, node_norm_kind, replace_argument, scope_name, value_users
+from ..graph.tracing import graph_parts, qualified_name
 
 __all__ = ["fold_norm_affine", "plan_norm_affine", "AffinePlan"]
 
 _LAST_DIM = ("LayerNorm", "RMSNorm", "layer_norm", "rms_norm")
 _CHANNEL = ("GroupNorm", "group_norm")
-#: positions of (weight, bias) in the functional norms' arguments (None: the function has no bias)
-_FUNCTIONAL_AFFINE = {"layer_norm": (2, 3), "rms_norm": (2, None), "group_norm": (2, 3)}
 
 
 @dataclass
@@ -57,10 +54,6 @@ class AffinePlan:
     beta: torch.Tensor | None = None
     consumers: list[fx.Node] = field(default_factory=list)
     reason: str | None = None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _affine_params(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Module | None) -> tuple | str:
@@ -77,20 +70,20 @@ def _affine_params(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Modu
                 return f"normalized_shape {shape} spans several dims; only a last-dim affine folds into a Linear"
             features = shape[0]
     else:
-        wpos, bpos = _FUNCTIONAL_AFFINE[kind]
-        names = ("weight", "bias")
+        args = bind_node(node)
+        if args is None:
+            return f"a functional {kind} call whose arguments fxnorm cannot read"
         values = []
-        for pos, key in zip((wpos, bpos), names):
-            arg = None if pos is None else (node.args[pos] if len(node.args) > pos else node.kwargs.get(key))
+        for key in ("weight", "bias"):
             try:
-                values.append(_fetch(gm, arg))
+                values.append(constant_value(gm, args.get(key)))
             except LookupError:
                 return f"functional {kind} whose {key} is computed in the graph"
         gamma, beta = values
         if kind in _CHANNEL:
             features = None
         else:
-            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            shape = args["normalized_shape"]
             shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (list, tuple)) else ()
             if len(shape) != 1 or not isinstance(shape[0], int):
                 return f"normalized_shape {shape} is not one constant dim"
@@ -200,18 +193,13 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _strip_functional(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
-    for pos, key in zip(_FUNCTIONAL_AFFINE[kind], ("weight", "bias")):
-        if pos is None:
+def _strip_functional(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Pass ``None`` as the weight and bias of a functional norm node (constants left unused go)."""
+    args = bind_node(node) or {}
+    for key in ("weight", "bias"):
+        if args.get(key) is None:
             continue
-        if len(node.args) > pos:
-            old = node.args[pos]
-            node.update_arg(pos, None)
-        elif key in node.kwargs:
-            old = node.kwargs[key]
-            node.update_kwarg(key, None)
-        else:
-            continue
+        old = replace_argument(node, key, None)
         if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
             gm.graph.erase_node(old)
 
@@ -241,7 +229,7 @@ def fold_norm_affine(traced: nn.Module, report: FoldReport) -> None:
             plan = plan_norm_affine(gm, node, sites)
             if plan is None:
                 continue
-            name = _join(prefix, str(node.target) if node.op == "call_module" else _scope_name(gm, node))
+            name = qualified_name(prefix, str(node.target) if node.op == "call_module" else scope_name(gm, node))
             if plan.reason is not None:
                 refused[name] = plan.reason
             else:
@@ -257,8 +245,8 @@ def fold_norm_affine(traced: nn.Module, report: FoldReport) -> None:
             if module is not None:
                 gm.add_submodule(str(node.target), _without_affine(module, kind))
             else:
-                _strip_functional(gm, node, kind)
-            into = ", ".join(_join(prefix, str(u.target)) for u in plan.consumers)
+                _strip_functional(gm, node)
+            into = ", ".join(qualified_name(prefix, str(u.target)) for u in plan.consumers)
             report.folded.append(FoldedNorm(name, kind, "norm_affine_into_consumer", into))
     for _, gm in {id(gm): (p, gm) for p, gm, *_ in todo}.values():
         gm.recompile()

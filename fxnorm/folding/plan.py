@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,19 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from ..graph.kinds import BN_KINDS, functional_norm_kind, has_running_stats, is_plain, layer_kind, norm_kind
+from ..graph.calls import bind_node, call_sites, constant_value, describe, node_norm_kind, value_users
+from ..graph.kinds import BN_KINDS, has_running_stats, is_plain, layer_kind
 
-__all__ = [
-    "BNConstants", "FoldPlan", "bn_constants", "plan_norm", "call_sites", "describe", "node_norm_kind",
-    "is_metadata_query", "value_users",
-]
+__all__ = ["BNConstants", "FoldPlan", "bn_constants", "plan_norm"]
 
-_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Dropout, nn.Identity, nn.BatchNorm1d)
-#: Tensor methods and attributes that read only a tensor's metadata, never its values. A fold keeps
-#: every one of them: a folded norm's input has its output's shape, dtype and device.
-_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
-_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 
 
 @dataclass
@@ -58,38 +50,6 @@ class FoldPlan:
     mode: str | None  #: "into_producer" | "into_consumer" | None
     target: fx.Node | None = None
     reason: str | None = None
-
-
-def _fetch(gm: fx.GraphModule, node: Any) -> Any:
-    """The value of a constant argument: a get_attr node's tensor or a Python literal."""
-    if isinstance(node, fx.Node):
-        if node.op != "get_attr":
-            raise LookupError(node.name)
-        obj: Any = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part)
-        return obj
-    return node
-
-
-def functional_args(node: fx.Node) -> dict[str, Any]:
-    """The arguments of a functional ``batch_norm`` node by name (defaults filled in)."""
-    values: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    values.update(zip(_BN_ARGS, node.args))
-    values.update(node.kwargs)
-    return values
-
-
-def node_norm_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None] | None:
-    """The norm kind of a graph node and its module (None for functional norms), or None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        kind = norm_kind(module)
-        return (kind, module) if kind is not None else None
-    if node.op == "call_function":
-        kind = functional_norm_kind(node.target)
-        return (kind, None) if kind is not None else None
-    return None
 
 
 def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
@@ -114,77 +74,20 @@ def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
         return BNConstants(module.running_mean, module.running_var, module.eps, module.weight, module.bias)
     if kind != "batch_norm":
         return f"functional {kind} normalizes each input with its own statistics"
-    args = functional_args(node)
+    args = bind_node(node)
+    if args is None:
+        return f"a {getattr(node.target, '__name__', node.target)} call whose arguments fxnorm cannot read"
     if not isinstance(args["training"], bool) or args["training"]:
         return "functional batch_norm traced in training mode: trace the model in eval mode"
     try:
-        mean, var = _fetch(gm, args["running_mean"]), _fetch(gm, args["running_var"])
-        weight, bias, eps = _fetch(gm, args["weight"]), _fetch(gm, args["bias"]), _fetch(gm, args["eps"])
+        mean, var = constant_value(gm, args["running_mean"]), constant_value(gm, args["running_var"])
+        weight, bias = constant_value(gm, args["weight"]), constant_value(gm, args["bias"])
+        eps = constant_value(gm, args["eps"])
     except LookupError as err:
         return f"functional batch_norm whose argument {err} is computed in the graph, not constant"
     if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
         return "functional batch_norm without running statistics"
     return BNConstants(mean, var, float(eps), weight, bias)
-
-
-def call_sites(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
-    """call_module nodes grouped by the identity of the module they call."""
-    sites: dict[int, list[fx.Node]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            sites[id(gm.get_submodule(str(node.target)))].append(node)
-    return sites
-
-
-def describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """A short human description of a node: ``layer1_0_relu (ReLU)``, ``cat (torch.cat)``..."""
-    if node.op == "call_module":
-        return f"{node.name} ({type(gm.get_submodule(str(node.target))).__name__})"
-    if node.op == "call_function":
-        mod = getattr(node.target, "__module__", None) or ""
-        short = "torch" if mod.startswith("torch") and not mod.startswith("torch.nn") else mod.split(".")[-1]
-        return f"{node.name} ({short + '.' if short else ''}{getattr(node.target, '__name__', node.target)})"
-    if node.op == "call_method":
-        return f"{node.name} (.{node.target}())"
-    if node.op == "placeholder":
-        return f"the model input {node.name}"
-    if node.op == "output":
-        return "the graph output"
-    return f"{node.name} ({node.op})"
-
-
-def is_metadata_query(user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` only reads the metadata of ``node``'s output: ``x.shape``, ``x.size()``,
-    ``x.size(1)``, ``x.dim()``, ``x.numel()``, ``x.dtype``, ``getattr(x, "device")``... and never its
-    values, so it does not stop a fold (a folded norm's input has the same shape, dtype and device).
-
-    Example:
-        >>> import torch.fx as fx
-        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.shape[0], -1))
-        >>> x = next(iter(gm.graph.nodes))
-        >>> [(u.name, is_metadata_query(u, x)) for u in x.users]
-        [('relu', False), ('getattr_1', True)]
-    """
-    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
-        return False
-    if any(a is node for a in user.kwargs.values()):
-        return False
-    if user.op == "call_method":
-        return user.target in _METADATA_METHODS
-    return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
-            and user.args[1] in _METADATA_ATTRS)
-
-
-def value_users(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its values: every user but :func:`is_metadata_query` ones.
-
-    Example:
-        >>> import torch.fx as fx
-        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.size(0), -1))
-        >>> [u.name for u in value_users(next(iter(gm.graph.nodes)))]
-        ['relu']
-    """
-    return [u for u in node.users if not is_metadata_query(u, node)]
 
 
 def _rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:

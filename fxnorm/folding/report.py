@@ -1,12 +1,10 @@
 """What :func:`fxnorm.fold` did: which norms folded where, which were skipped and why, and which
-parts of the model stayed untraced. The report is attached to the folded model and read back with
-:func:`fold_report`.
+parts of the model stayed untraced. Read it with ``fxnorm.report_of(folded, FoldReport)``.
 
 Example:
-    >>> import torch.nn as nn
-    >>> from fxnorm import fold
-    >>> folded = fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
-    >>> report = fold_report(folded)
+    >>> import torch.nn as nn, fxnorm
+    >>> folded = fxnorm.fold(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+    >>> report = fxnorm.report_of(folded, FoldReport)
     >>> [(f.name, f.mode, f.into) for f in report.folded], report.skipped
     ([('1', 'into_producer', '0')], [])
 """
@@ -14,21 +12,18 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
-import torch.fx as fx
-import torch.nn as nn
-
-from ..errors import FoldError
+from ..errors import FoldError, FxNormError
+from ..reports import Report
 from ..graph.tracing import UntracedPart
 
-__all__ = ["FoldedNorm", "SkippedNorm", "FoldReport", "fold_report", "attach_report"]
+__all__ = ["FoldMode", "MODES", "FoldedNorm", "SkippedNorm", "FoldReport"]
 
-_ATTR = "_fxnorm_fold_report"
-_PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ puts these attributes back
-
-#: The values of :attr:`FoldedNorm.mode`.
-MODES = ("into_producer", "into_consumer", "affine", "norm_affine_into_consumer")
+#: How a norm left the model (:attr:`FoldedNorm.mode`).
+FoldMode = Literal["into_producer", "into_consumer", "affine", "norm_affine_into_consumer"]
+#: The values of :data:`FoldMode`.
+MODES: tuple[FoldMode, ...] = get_args(FoldMode)
 
 
 @dataclass
@@ -37,7 +32,7 @@ class FoldedNorm:
 
     name: str  #: qualified name of the norm in the model (module path, or the node name for a bare functional call)
     kind: str  #: BatchNorm2d, FrozenBatchNorm2d, batch_norm (functional), LayerNorm, ...
-    mode: str  #: "into_producer" | "into_consumer" | "affine" | "norm_affine_into_consumer"
+    mode: FoldMode  #: "into_producer" | "into_consumer" | "affine" | "norm_affine_into_consumer"
     into: str  #: qualified name of the layer(s) it folded into (comma separated), or of the new affine module
 
 
@@ -51,8 +46,11 @@ class SkippedNorm:
 
 
 @dataclass
-class FoldReport:
+class FoldReport(Report):
     """Everything :func:`fxnorm.fold` folded, skipped, and could not trace."""
+
+    missing_error: ClassVar[type[FxNormError]] = FoldError
+    made_by: ClassVar[str] = "fxnorm.fold (or fxnorm.export_folded)"
 
     folded: list[FoldedNorm] = field(default_factory=list)
     skipped: list[SkippedNorm] = field(default_factory=list)
@@ -71,32 +69,3 @@ class FoldReport:
             "untraced": [asdict(u) for u in self.untraced],
             "counts": {"folded": len(self.folded), "skipped": len(self.skipped), "untraced": len(self.untraced)},
         }
-
-
-def attach_report(module: nn.Module, report: FoldReport) -> None:
-    """Attach ``report`` to a folded module (read back with :func:`fold_report`; it survives
-    ``copy.deepcopy``, GraphModules included)."""
-    object.__setattr__(module, _ATTR, report)
-    meta = getattr(module, "meta", None)
-    if isinstance(module, fx.GraphModule) and isinstance(meta, dict):
-        meta.setdefault(_PRESERVED, {})[_ATTR] = report
-
-
-def fold_report(folded: nn.Module) -> FoldReport:
-    """The :class:`FoldReport` of a module returned by :func:`fxnorm.fold`.
-
-    Raises:
-        FoldError: ``folded`` did not come from :func:`fxnorm.fold`.
-
-    Example:
-        >>> import torch.nn as nn
-        >>> from fxnorm import fold
-        >>> fold_report(fold(nn.Sequential(nn.Linear(2, 2)))).folded
-        []
-    """
-    report = getattr(folded, _ATTR, None)
-    if not isinstance(report, FoldReport):
-        raise FoldError(
-            f"{type(folded).__name__} did not come from fxnorm.folding.apply(): call fxnorm.fold(model) and pass its result"
-        )
-    return report

@@ -8,13 +8,14 @@ and records in ``node.meta["fxnorm_scope"]`` the qualified name of the module ea
 When the whole model does not trace (torchvision detection models, data-dependent control flow),
 its children are tried one by one, recursively: the largest traceable submodules become
 ``GraphModule`` s in place and the untraceable glue stays eager. Every part that could not be traced
-is reported with the tracer's reason in :class:`TraceReport`, reachable with :func:`trace_report`.
+is reported with the tracer's reason in :class:`TraceReport`, reachable with
+``fxnorm.report_of(traced, TraceReport)``.
 
 Example:
     >>> import torchvision
     >>> traced = trace(torchvision.models.resnet18())
     >>> import torch.fx
-    >>> isinstance(traced, torch.fx.GraphModule), trace_report(traced).untraced
+    >>> isinstance(traced, torch.fx.GraphModule), traced_report(traced).untraced
     (True, [])
 """
 
@@ -22,21 +23,27 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from ..errors import TraceError
-from .kinds import is_plain, known_base
+from ..errors import FxNormError, TraceError
+from ..reports import Report, record_report, report_of
+from .kinds import is_plain, known_base, norm_kind
 
-__all__ = ["NormTracer", "UntracedPart", "TraceReport", "trace", "trace_report", "graph_parts"]
+__all__ = [
+    "LeafSpec", "LeafModules", "NormTracer", "UntracedPart", "TraceReport", "trace", "traced_report", "is_traced",
+    "graph_parts", "eager_norms", "eager_reason", "qualified_name",
+]
 
-_REPORT_ATTR = "_fxnorm_trace_report"
-LeafSpec = type | str | nn.Module
+#: A module the tracer keeps opaque: a class, a qualified name, or a module instance.
+LeafSpec = Union[type, str, nn.Module]
+#: The ``leaf_modules`` argument of every fxnorm function that traces.
+LeafModules = Iterable[LeafSpec]
 _MISSING = object()
 
 
@@ -54,8 +61,11 @@ class UntracedPart:
 
 
 @dataclass
-class TraceReport:
+class TraceReport(Report):
     """What :func:`trace` did: which parts became graphs and which stayed eager (and why)."""
+
+    missing_error: ClassVar[type[FxNormError]] = TraceError
+    made_by: ClassVar[str] = "fxnorm.trace"
 
     graphs: list[str] = field(default_factory=list)  #: qualified names of the traced parts
     untraced: list[UntracedPart] = field(default_factory=list)
@@ -64,6 +74,10 @@ class TraceReport:
     def complete(self) -> bool:
         """True when the whole model is one graph."""
         return self.graphs == [""]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"graphs": [...], "untraced": [{"name", "type", "reason"}...]}``."""
+        return asdict(self)
 
 
 class NormTracer(fx.Tracer):
@@ -77,7 +91,7 @@ class NormTracer(fx.Tracer):
         ['0', '1']
     """
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), prefix: str = "") -> None:
+    def __init__(self, leaf_modules: LeafModules = (), prefix: str = "") -> None:
         super().__init__()
         specs = tuple(leaf_modules)
         self._leaf_types = tuple(s for s in specs if isinstance(s, type))
@@ -221,7 +235,7 @@ def _trace_tree(
 def trace(
     model: nn.Module,
     *,
-    leaf_modules: Iterable[LeafSpec] = (),
+    leaf_modules: LeafModules = (),
     concrete_args: dict[str, Any] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -237,7 +251,7 @@ def trace(
 
     Returns:
         A ``GraphModule`` when the whole model traced; otherwise a module of the model's own type
-        whose largest traceable submodules are ``GraphModule`` s. :func:`trace_report` tells which.
+        whose largest traceable submodules are ``GraphModule`` s. ``fxnorm.report_of(result, TraceReport)`` tells which.
 
     Raises:
         TraceError: ``model`` is not an ``nn.Module``.
@@ -246,37 +260,43 @@ def trace(
         >>> import torchvision
         >>> det = trace(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         ...     weights=None, weights_backbone=None))
-        >>> trace_report(det).untraced[0].name   # the model itself has data-dependent control flow
+        >>> traced_report(det).untraced[0].name   # the model itself has data-dependent control flow
         ''
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxnorm.trace expects an nn.Module, got {type(model).__name__}")
     report = TraceReport()
     result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace)
-    object.__setattr__(result, _REPORT_ATTR, report)
+    record_report(result, report)
     return result
 
 
-def trace_report(module: nn.Module) -> TraceReport:
-    """The :class:`TraceReport` of a module returned by :func:`trace` (an empty-handed report for a
-    ``GraphModule`` traced elsewhere, and :class:`TraceError` for a module never traced).
+def traced_report(module: nn.Module) -> TraceReport:
+    """The :class:`TraceReport` of a module returned by :func:`trace` (a report of one whole graph for
+    a ``GraphModule`` traced elsewhere, and :class:`TraceError` for a module never traced).
 
     Example:
         >>> import torch.nn as nn
-        >>> trace_report(trace(nn.Sequential(nn.Linear(2, 2)))).complete
+        >>> traced_report(trace(nn.Sequential(nn.Linear(2, 2)))).complete
         True
     """
-    report = getattr(module, _REPORT_ATTR, None)
-    if report is not None:
-        return report
-    if isinstance(module, fx.GraphModule):
-        return TraceReport(graphs=[""])
+    try:
+        return report_of(module, TraceReport)
+    except FxNormError:
+        if isinstance(module, fx.GraphModule):
+            return TraceReport(graphs=[""])
     raise TraceError(f"{type(module).__name__} was not traced by fxnorm: call fxnorm.trace(model) first")
 
 
 def is_traced(module: nn.Module) -> bool:
     """True for the output of :func:`trace` or any ``GraphModule``."""
-    return isinstance(module, fx.GraphModule) or hasattr(module, _REPORT_ATTR)
+    if isinstance(module, fx.GraphModule):
+        return True
+    try:
+        report_of(module, TraceReport)
+    except FxNormError:
+        return False
+    return True
 
 
 def graph_parts(module: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
@@ -299,3 +319,52 @@ def graph_parts(module: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
                 yield full, child
             else:
                 stack.append((full, child))
+
+
+def eager_norms(traced: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, kind)`` of every norm module of a traced model that runs in untraced
+    (eager) code: the children of glue modules that are not ``GraphModule`` s. The model itself is
+    not listed; a norm subclass with its own forward is listed and its children are searched too.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> eager_norms(trace(nn.Sequential(nn.BatchNorm1d(2))))
+        []
+    """
+    found: list[tuple[str, nn.Module, str]] = []
+    stack: list[tuple[str, nn.Module]] = [("", traced)]
+    while stack:
+        name, module = stack.pop()
+        if isinstance(module, fx.GraphModule):
+            continue
+        kind = norm_kind(module)
+        if kind is not None and name:
+            found.append((name, module, kind))
+            if is_plain(module):
+                continue
+        for child_name, child in reversed(list(module.named_children())):
+            stack.append((qualified_name(name, child_name), child))
+    return found
+
+
+def qualified_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever is not empty.
+
+    Example:
+        >>> qualified_name("layer1", "0.bn1"), qualified_name("", "fc"), qualified_name("head", "")
+        ('layer1.0.bn1', 'fc', 'head')
+    """
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def eager_reason(name: str, report: TraceReport) -> str:
+    """Why the norm at ``name`` (one of :func:`eager_norms`) is not in a graph: the untraced parent,
+    with the tracer's reason when there is one.
+
+    Example:
+        >>> eager_reason("head.bn", TraceReport(untraced=[UntracedPart("head", "Head", "TraceError: if x")]))
+        "runs in untraced code of 'head' (TraceError: if x)"
+    """
+    parent = name.rpartition(".")[0]
+    why = {u.name: u.reason for u in report.untraced}.get(parent)
+    return f"runs in untraced code of '{parent or '<model>'}'" + (f" ({why})" if why else "")

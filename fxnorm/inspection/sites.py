@@ -18,11 +18,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from ..graph.kinds import has_running_stats, is_plain, norm_kind
-from ..folding.plan import call_sites, functional_args, node_norm_kind, plan_norm
-from ..graph.tracing import graph_parts, is_traced, trace, trace_report
+from ..folding.plan import plan_norm
+from ..graph.calls import bind_node, call_sites, constant_value, node_norm_kind, scope_name
+from ..graph.kinds import has_running_stats
+from ..graph.tracing import LeafModules, eager_norms, eager_reason, graph_parts, is_traced, qualified_name, trace, traced_report
 
-__all__ = ["NormSite", "find_norms", "health_flags"]
+__all__ = ["NormSite", "find_norms", "health_flags", "eager_sites"]
 
 
 @dataclass
@@ -58,10 +59,6 @@ class NormSite:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         return asdict(self)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def health_flags(
@@ -109,20 +106,6 @@ def _producer_fields(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str
     return source.name, source.op, kind
 
 
-def _scope_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    scope = node.meta.get("fxnorm_scope")
-    if scope:
-        return scope
-    args = functional_args(node) if node.kwargs or len(node.args) > 1 else {}
-    for key in ("running_mean", "weight"):
-        arg = args.get(key)
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            owner = str(arg.target).rpartition(".")[0]
-            if owner:
-                return owner
-    return node.name  # a functional norm in the top-level forward: name it by its node
-
-
 def _lookup(root: nn.Module, name: str) -> nn.Module | None:
     try:
         return root.get_submodule(name) if name else root
@@ -136,7 +119,7 @@ def _module_site(gm: fx.GraphModule, prefix: str, node: fx.Node, module: nn.Modu
     name, op, ptype = _producer_fields(gm, node)
     stats = has_running_stats(module)
     return NormSite(
-        name=_join(prefix, str(node.target)),
+        name=qualified_name(prefix, str(node.target)),
         node=node.name,
         graph=prefix,
         kind=kind,
@@ -175,25 +158,23 @@ def _num_features(module: nn.Module) -> int | None:
 
 
 def _function_site(gm: fx.GraphModule, prefix: str, node: fx.Node, kind: str, root: nn.Module) -> NormSite:
-    from ..folding.plan import _fetch  # the plan module owns constant lookups
-
-    scope = _scope_name(gm, node)
+    scope = scope_name(gm, node)
     name, op, ptype = _producer_fields(gm, node)
     values: dict[str, Any] = {}
     if kind == "batch_norm":
-        for key, value in functional_args(node).items():
+        for key, value in (bind_node(node) or {}).items():
             try:
-                values[key] = _fetch(gm, value)
+                values[key] = constant_value(gm, value)
             except LookupError:
                 values[key] = None
     mean, var = values.get("running_mean"), values.get("running_var")
     weight = values.get("weight")
-    owner = _lookup(root, _join(prefix, scope))
+    owner = _lookup(root, qualified_name(prefix, scope))
     nbt = getattr(owner, "num_batches_tracked", None) if owner is not None else None
     nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
     features = mean if isinstance(mean, torch.Tensor) else weight
     return NormSite(
-        name=_join(prefix, scope),
+        name=qualified_name(prefix, scope),
         node=node.name,
         graph=prefix,
         kind=kind,
@@ -215,38 +196,33 @@ def _function_site(gm: fx.GraphModule, prefix: str, node: fx.Node, kind: str, ro
     )
 
 
-def _eager_sites(traced: nn.Module, reasons: dict[str, str]) -> list[NormSite]:
+def eager_sites(traced: nn.Module) -> list[NormSite]:
+    """The norms of a traced model that run in untraced (eager) code, with why they are not traced.
+
+    Example:
+        >>> import torch.nn as nn, fxnorm
+        >>> eager_sites(fxnorm.trace(nn.Sequential(nn.BatchNorm1d(2))))
+        []
+    """
+    trace_info = traced_report(traced)
     sites: list[NormSite] = []
-    stack: list[tuple[str, nn.Module]] = [("", traced)]
-    while stack:
-        name, module = stack.pop()
-        if isinstance(module, fx.GraphModule):
-            continue
-        kind = norm_kind(module)
-        if kind is not None and name:
-            parent = name.rpartition(".")[0]
-            nbt = getattr(module, "num_batches_tracked", None)
-            nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
-            why = reasons.get(parent)
-            sites.append(NormSite(
-                name=name, node=None, graph=None, kind=kind, op="eager", module_type=type(module).__name__,
-                num_features=_num_features(module), eps=getattr(module, "eps", None),
-                momentum=getattr(module, "momentum", None), affine=getattr(module, "weight", None) is not None,
-                track_running_stats=has_running_stats(module), training=module.training,
-                num_batches_tracked=nbt_value, producer=None, producer_op=None, producer_type=None,
-                reason=f"runs in untraced code of '{parent or '<model>'}'" + (f" ({why})" if why else ""),
-                health=health_flags(getattr(module, "running_mean", None), getattr(module, "running_var", None),
-                                    getattr(module, "eps", None), getattr(module, "weight", None),
-                                    getattr(module, "bias", None), nbt_value),
-            ))
-            if is_plain(module):
-                continue
-        for child_name, child in reversed(list(module.named_children())):
-            stack.append((_join(name, child_name), child))
+    for name, module, kind in eager_norms(traced):
+        nbt = getattr(module, "num_batches_tracked", None)
+        nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+        sites.append(NormSite(
+            name=name, node=None, graph=None, kind=kind, op="eager", module_type=type(module).__name__,
+            num_features=_num_features(module), eps=getattr(module, "eps", None),
+            momentum=getattr(module, "momentum", None), affine=getattr(module, "weight", None) is not None,
+            track_running_stats=has_running_stats(module), training=module.training,
+            num_batches_tracked=nbt_value, producer=None, producer_op=None, producer_type=None,
+            reason=eager_reason(name, trace_info),
+            health=health_flags(getattr(module, "running_mean", None), getattr(module, "running_var", None),
+                                getattr(module, "eps", None), getattr(module, "weight", None),
+                                getattr(module, "bias", None), nbt_value),
+        ))
     return sites
 
-
-def find_norms(model: nn.Module, *, leaf_modules: tuple = ()) -> list[NormSite]:
+def find_norms(model: nn.Module, *, leaf_modules: LeafModules = ()) -> list[NormSite]:
     """Every normalization layer of ``model``, in graph order, with where it can fold or why not.
 
     ``model`` may be any module (it is traced with :func:`fxnorm.trace`, part by part if needed; the
@@ -260,7 +236,6 @@ def find_norms(model: nn.Module, *, leaf_modules: tuple = ()) -> list[NormSite]:
         [('1', 'into_producer'), ('3', 'producer _2 (ReLU) is not a conv/linear; consumer the graph output is not a conv')]
     """
     traced = model if is_traced(model) else trace(model, leaf_modules=leaf_modules)
-    report = trace_report(traced)
     sites: list[NormSite] = []
     for prefix, gm in graph_parts(traced):
         calls = call_sites(gm)
@@ -273,10 +248,9 @@ def find_norms(model: nn.Module, *, leaf_modules: tuple = ()) -> list[NormSite]:
                     else _function_site(gm, prefix, node, kind, model))
             plan = plan_norm(gm, node, calls)
             if plan.mode is not None and plan.target is not None:
-                site.fold, site.fold_into = plan.mode, _join(prefix, str(plan.target.target))
+                site.fold, site.fold_into = plan.mode, qualified_name(prefix, str(plan.target.target))
             else:
                 site.reason = plan.reason
             sites.append(site)
-    reasons = {u.name: u.reason for u in report.untraced}
-    sites.extend(_eager_sites(traced, reasons))
+    sites.extend(eager_sites(traced))
     return sites

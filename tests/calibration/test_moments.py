@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxnorm.calibration import moments as stats
-from fxnorm.errors import CalibrationError
+from fxnorm import CalibrationError
 from fxnorm.calibration.moments import ChannelMoments, pooled_moments
 
 

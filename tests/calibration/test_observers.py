@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torchvision
 
-from fxnorm.calibration.recalibration import convert, prepare
+from fxnorm import finish_recalibration, prepare_recalibration
 from fxnorm.calibration.observers import NormObserver, NormTarget, Session
 
 
@@ -79,23 +79,23 @@ def test_fresh_conv_outputs_are_overwritten_on_resnet18() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     batches = [torch.randn(2, 3, 64, 64) + 0.1 * i for i in range(3)]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     flags = {name: obs.overwrite_input for name, obs in observers_of(prepared).items()}
     assert len(flags) == 20 and all(flags.values())
     with torch.inference_mode():
         outs = [prepared(b) for b in batches]
-    convert(prepared)
+    finish_recalibration(prepared)
     fast = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
     plain = torchvision.models.resnet18(weights=None).eval()
     torch.manual_seed(0)
     plain = torchvision.models.resnet18(weights=None).eval()
-    prepared = prepare(plain)
+    prepared = prepare_recalibration(plain)
     for obs in observers_of(prepared).values():
         obs.overwrite_input = False
     with torch.inference_mode():
         slow_outs = [prepared(b) for b in batches]
-    convert(prepared)
+    finish_recalibration(prepared)
     for a, b in zip(outs, slow_outs):
         assert torch.equal(a, b)
     for key, value in fast.items():
@@ -107,7 +107,7 @@ def test_conv_output_read_elsewhere_is_not_overwritten() -> None:
     torch.manual_seed(1)
     model = ConvBN(residual=True).eval()
     x = torch.randn(4, 3, 8, 8)
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     assert not observers_of(prepared)["bn"].overwrite_input
     with torch.inference_mode():
         out = prepared(x)
@@ -130,7 +130,7 @@ def test_forward_hooks_keep_the_conv_output(hook: str) -> None:
         handle = nn.modules.module.register_module_forward_hook(
             lambda m, args, out: kept.append(out) if m is model.conv else None)
     try:
-        prepared = prepare(model)
+        prepared = prepare_recalibration(model)
         assert observers_of(prepared)["bn"].overwrite_input  # placed, but refused at run time
         x = torch.randn(4, 3, 8, 8)
         with torch.inference_mode():
@@ -147,7 +147,7 @@ def test_overwrite_is_refused_under_autograd() -> None:
     torch.manual_seed(3)
     model = ConvBN().eval()
     x = torch.randn(4, 3, 8, 8)
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     assert observers_of(prepared)["bn"].overwrite_input
     out = prepared(x)
     assert out.requires_grad
@@ -173,13 +173,13 @@ def test_functional_conv_producer_is_overwritten() -> None:
 
     torch.manual_seed(4)
     model = Functional().eval()
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     assert isinstance(prepared, fx.GraphModule)
     assert observers_of(prepared)["bn"].overwrite_input
     x = torch.randn(3, 3, 9, 9) + 2.0
     with torch.inference_mode():
         out = prepared(x)
-    convert(prepared)
+    finish_recalibration(prepared)
     y = torch.nn.functional.conv2d(x, model.weight.detach())
     mean, var = float64_stats(y)
     n = y.numel() // y.shape[1]
@@ -225,7 +225,7 @@ def test_shifted_producers_keep_statistics_exact(offsets: tuple[float, ...]) -> 
         for conv in (model.plain, model.biased, model.left, model.right):
             conv.weight.abs_()  # positive weights on positive inputs: channel means far from zero
     batches = [torch.rand(6, 3, 7, 7) * 2 + 3 + off for off in offsets]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     shifted = [m for m in prepared.modules() if type(m).__name__ == "ShiftedProducer"]
     assert len(shifted) == 5
     expected: dict[str, list[torch.Tensor]] = {}
@@ -247,7 +247,7 @@ def test_shifted_producers_keep_statistics_exact(offsets: tuple[float, ...]) -> 
                 tol = 1e-4 + 1e-6 * resolution
                 assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
     assert all(obs.shift is not None for obs in observers_of(prepared).values())
-    convert(prepared)
+    finish_recalibration(prepared)
     for name, values in expected.items():
         mean, var = float64_stats(torch.cat(values))
         n = sum(v.numel() // v.shape[1] for v in values)
@@ -263,11 +263,11 @@ def test_producer_with_a_hook_is_called_unshifted() -> None:
     seen: list[torch.Tensor] = []
     model.conv.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
     batches = [torch.randn(4, 3, 8, 8) + i for i in range(3)]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     with torch.inference_mode():
         for b in batches:
             prepared(b)
-    convert(prepared)
+    finish_recalibration(prepared)
     with torch.no_grad():
         real = [model.conv._conv_forward(b, model.conv.weight, model.conv.bias) for b in batches]
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, real))
@@ -282,13 +282,13 @@ def test_linear_on_sequences_is_not_shifted() -> None:
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)).eval()
     batches = [torch.randn(4, 5, 5) * 0.1 + 3 + i for i in range(3)]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     assert observers_of(prepared)["1"].shiftable
     with torch.inference_mode():
         for b in batches:
             prepared(b)
     assert not observers_of(prepared)["1"].shifted
-    convert(prepared)
+    finish_recalibration(prepared)
     with torch.no_grad():
         real = torch.cat([model[0](b) for b in batches])
     mean, var = float64_stats(real)

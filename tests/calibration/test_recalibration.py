@@ -26,8 +26,17 @@ from fxnorm.calibration import recalibration as calibrate
 from fxnorm.calibration import observers as observers
 from fxnorm.calibration import fast_path as plane_stats
 from fxnorm.calibration import selection as select
-from fxnorm.calibration.recalibration import convert, prepare, recalibrate, reset
-from fxnorm.errors import CalibrationError, DataError
+from fxnorm import (
+    finish_recalibration,
+    prepare_recalibration,
+    recalibrate,
+    reset,
+    CalibrationError,
+    DataError,
+    report_of,
+    CalibrationReport,
+    ResetReport,
+)
 from fxnorm.calibration.observers import NormObserver
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,12 +223,12 @@ def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     if case == "float64":
         model, batches = model.double(), [b.double() for b in batches]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     seen = capture(prepared)
     with torch.inference_mode():
         for b in batches:
             prepared(b)
-    convert(prepared)
+    finish_recalibration(prepared)
     for name, inputs in seen.items():
         mean, var, _ = pooled(inputs)
         assert_stats(model.get_submodule(name), mean, var, tol=1e-12 if case == "float64" else 1e-6)
@@ -260,12 +269,12 @@ def test_half_precision_model_keeps_its_dtype(dtype):
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
     model = model.to(dtype)
     batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     seen = capture(prepared)
     with torch.inference_mode():
         for b in batches:
             prepared(b)
-    convert(prepared)
+    finish_recalibration(prepared)
     for name, inputs in seen.items():
         bn = model.get_submodule(name)
         mean, var, _ = pooled(inputs)  # the half inputs themselves, in float64
@@ -330,7 +339,8 @@ def test_untraced_glue_traced_through_subclass_and_unreached_norm():
         second = [F.conv2d(batch_norm_train(y, model.bn), model.block[0].weight.double(),
                            model.block[0].bias.double()) for y in first]
     never = copy.deepcopy(model.never.state_dict())
-    model, report = recalibrate(model, batches, report=True)
+    model = recalibrate(model, batches)
+    report = report_of(model, CalibrationReport)
     for norm, inputs in ((model.bn, first), (model.block[1], second)):
         mean, var, _ = pooled(inputs)
         assert_stats(norm, mean, var)
@@ -351,7 +361,8 @@ class Untraceable(nn.BatchNorm2d):
 def test_unobservable_subclass_is_reported_and_left_alone():
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Untraceable(4))).eval()
     before = copy.deepcopy(model[2].state_dict())
-    model, report = recalibrate(model, drifting(SIZES, (3, 6, 6)), report=True)
+    model = recalibrate(model, drifting(SIZES, (3, 6, 6)))
+    report = report_of(model, CalibrationReport)
     assert list(report.unsupported) == ["2"] and "overrides forward()" in report.unsupported["2"]
     assert all(torch.equal(v, before[k]) for k, v in model[2].state_dict().items())
     assert [s.name for s in report.layers] == ["1"]
@@ -374,7 +385,8 @@ def test_norm_called_twice_pools_both_calls():
     with torch.no_grad():
         second = [F.conv2d(batch_norm_train(x.double(), bn), model.conv.weight.double(), model.conv.bias.double())
                   for x in batches]
-    model, report = recalibrate(model, batches, report=True)
+    model = recalibrate(model, batches)
+    report = report_of(model, CalibrationReport)
     mean, var, count = pooled([x.double() for x in batches] + second)
     assert_stats(bn, mean, var)
     assert bn.num_batches_tracked.item() == 2 * len(batches)
@@ -390,7 +402,8 @@ def test_one_value_per_channel_is_skipped_counted_and_reported():
         conv = [model[0](x).double() for x in batches]
         fc = [F.linear(batch_norm_train(y, model[1]).flatten(1), model[3].weight.double(), model[3].bias.double())
               for y in conv]
-    model, report = recalibrate(model, batches, report=True)
+    model = recalibrate(model, batches)
+    report = report_of(model, CalibrationReport)
     assert_stats(model[1], *pooled(conv)[:2])  # 2x2 values per channel: the batch of one counts
     assert_stats(model[4], *pooled(fc[:2])[:2])  # one value per channel: skipped
     assert report.skipped_batches == {"4": 1}
@@ -404,7 +417,8 @@ def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
     with torch.no_grad():  # the unselected first norm normalizes with its own running statistics
         second = [torch.tanh(F.batch_norm(model[0](x), model[1].running_mean, model[1].running_var, model[1].weight,
                                       model[1].bias, False, 0.0, model[1].eps)) for x in batches]
-    model, report = recalibrate(model, batches, select="3", report=True)
+    model = recalibrate(model, batches, select="3")
+    report = report_of(model, CalibrationReport)
     assert all(torch.equal(v, first[k]) for k, v in model[1].state_dict().items())
     assert_stats(model[3], *pooled(second)[:2])
     assert [s.name for s in report.layers] == ["3"] and model.training
@@ -440,7 +454,8 @@ def test_batch_formats(fmt):
         data = batches
     with torch.no_grad():
         mean, var, _ = pooled([model.fc(x) for x in batches])
-    model, report = recalibrate(model, data, forward=forward, report=True)
+    model = recalibrate(model, data, forward=forward)
+    report = report_of(model, CalibrationReport)
     assert_stats(model.bn, mean, var)
     assert report.num_batches == len(batches) and report.num_samples == sum(b.shape[0] for b in batches)
 
@@ -467,20 +482,20 @@ def test_prepare_changes_nothing_until_convert():
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.BatchNorm2d(4)))
     model.train()
     snap = snapshot(model)
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     assert isinstance(prepared, fx.GraphModule) and prepared is not model
     with torch.inference_mode():
         for b in drifting(SIZES, (3, 6, 6)):
             prepared(b)
     assert_unchanged(model, snap)
     keys = list(model.state_dict())
-    out = convert(prepared)
+    out = finish_recalibration(prepared)
     assert out is model and list(model.state_dict()) == keys and type(model) is nn.Sequential
     assert [m.training for m in model.modules()] == snap["training"]
     assert not torch.equal(model[1].running_var, snap["state"]["1.running_var"])
-    with pytest.raises(CalibrationError, match="already converted"):
-        convert(prepared)
-    with pytest.raises(CalibrationError, match="already converted"):
+    with pytest.raises(CalibrationError, match="already finished"):
+        finish_recalibration(prepared)
+    with pytest.raises(CalibrationError, match="already finished"):
         prepared(torch.randn(2, 3, 6, 6))
 
 
@@ -497,23 +512,23 @@ def test_user_graph_module_is_not_rewritten():
 
 def test_convert_refuses_what_it_cannot_use():
     with pytest.raises(CalibrationError, match="not made by fxnorm.prepare"):
-        convert(nn.BatchNorm1d(2))
+        finish_recalibration(nn.BatchNorm1d(2))
     bn = nn.BatchNorm1d(2)
-    prepared = prepare(bn)
+    prepared = prepare_recalibration(bn)
     with pytest.raises(CalibrationError, match="already prepared"):
-        prepare(prepared)
+        prepare_recalibration(prepared)
     with pytest.raises(DataError, match="no batch"):
-        convert(prepared)
+        finish_recalibration(prepared)
 
 
 def test_moved_model_between_prepare_and_convert_is_refused():
     bn = nn.BatchNorm1d(2)
-    prepared = prepare(bn)
+    prepared = prepare_recalibration(bn)
     prepared(torch.randn(4, 2))
     bn.to(torch.float64)  # replaces the buffers
     before = copy.deepcopy(bn.state_dict())
     with pytest.raises(CalibrationError, match="replaced after prepare"):
-        convert(prepared)
+        finish_recalibration(prepared)
     assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
 
 
@@ -538,7 +553,8 @@ def test_reset_matches_reset_running_stats_and_select_forms():
         for name in expected:
             ref.get_submodule(name).reset_running_stats()
         with torch.no_grad():
-            out, names = reset(model, select=sel, report=True)
+            out = reset(model, select=sel)
+            names = report_of(out, ResetReport).names
         assert out is model and names == expected
         for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):
             assert k == k2 and torch.equal(v, v2), (sel, k)
@@ -559,7 +575,7 @@ def test_reset_leaves_frozen_and_lazy_norms_alone():
     randomize(frozen)
     model = randomize(nn.Sequential(nn.BatchNorm2d(3), frozen)).append(nn.LazyBatchNorm2d())
     before = frozen.running_mean.clone()
-    _, names = reset(model, report=True)
+    names = report_of(reset(model), ResetReport).names
     assert names == ["0"] and torch.equal(frozen.running_mean, before)
 
 
@@ -591,7 +607,7 @@ def test_bad_model_or_select_changes_nothing(fn, bad):
 
 def test_lazy_norm_must_be_initialized_before_prepare():
     with pytest.raises(CalibrationError, match="not initialized"):
-        prepare(nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d()))
+        prepare_recalibration(nn.Sequential(nn.Linear(2, 3), nn.LazyBatchNorm1d()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,11 +674,11 @@ def test_non_finite_batch_names_batch_and_layer(kind):
 def test_non_finite_batch_in_prepare_convert_flow_is_a_calibration_error_too():
     model = failing_model()
     snap = snapshot(model)
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     for b in bad_batches("nan"):
         prepared(b)
     with pytest.raises(CalibrationError, match="batch 1: .* norm '1'"):
-        convert(prepared)
+        finish_recalibration(prepared)
     assert_unchanged(model, snap)
 
 
@@ -703,13 +719,13 @@ def test_failed_forward_in_prepare_flow_blocks_convert():
     model = failing_model()
     model[3].fail_at = 2
     snap = snapshot(model)
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     prepared(torch.randn(4, 3, 6, 6))
     with pytest.raises(RuntimeError, match="boom"):
         prepared(torch.randn(4, 3, 6, 6))
     prepared(torch.randn(4, 3, 6, 6))
     with pytest.raises(CalibrationError, match="forward of batch 1 raised"):
-        convert(prepared)
+        finish_recalibration(prepared)
     model[3].calls = 0
     assert_unchanged(model, snap)
 
@@ -720,8 +736,8 @@ def test_failed_forward_in_prepare_flow_blocks_convert():
 
 def test_report_figures_by_hand():
     bn = nn.BatchNorm1d(2)  # mean 0, var 1
-    bn, report = recalibrate(bn, [torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[5.0, 4.0], [7.0, 4.0]])],
-                             report=True)
+    bn = recalibrate(bn, [torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[5.0, 4.0], [7.0, 4.0]])])
+    report = report_of(bn, CalibrationReport)
     (layer,) = report.layers
     # new mean (4, 2), unbiased var (20/3, 16/3); old mean 0, var 1
     assert layer.mean_shift == pytest.approx(4.0 / math.sqrt(1 + bn.eps))
@@ -774,14 +790,14 @@ def run_ranks(monkeypatch, jobs: list) -> list:
 
 
 def ranks_calibrating(models: list[nn.Module], shards: list[list[torch.Tensor]]) -> list:
-    prepared = [prepare(m) for m in models]  # tracing patches globals: not from two threads at once
+    prepared = [prepare_recalibration(m) for m in models]  # tracing patches globals: not from two threads at once
 
     def job(i):
         def run():
             with torch.inference_mode():
                 for b in shards[i]:
                     prepared[i](b)
-            return convert(prepared[i])
+            return finish_recalibration(prepared[i])
         return run
 
     return [job(i) for i in range(len(models))]
@@ -820,18 +836,18 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
 
 def test_convert_can_wait_for_batches_but_not_be_retried_after_merging():
     bn = nn.BatchNorm1d(2)
-    prepared = prepare(bn)
+    prepared = prepare_recalibration(bn)
     with pytest.raises(DataError, match="no batch"):
-        convert(prepared)
+        finish_recalibration(prepared)
     prepared(torch.randn(4, 2))
-    assert convert(prepared) is bn and bn.num_batches_tracked.item() == 1
+    assert finish_recalibration(prepared) is bn and bn.num_batches_tracked.item() == 1
     half = nn.BatchNorm1d(2).half()
-    prepared = prepare(half)
+    prepared = prepare_recalibration(half)
     prepared((torch.randn(8, 2) * 1000).half())
     with pytest.raises(CalibrationError, match="do not fit in torch.float16"):
-        convert(prepared)
-    with pytest.raises(CalibrationError, match=r"convert\(\) failed \(NonFiniteStatistics\)"):
-        convert(prepared)
+        finish_recalibration(prepared)
+    with pytest.raises(CalibrationError, match=r"finish_recalibration\(\) failed \(NonFiniteStatistics\)"):
+        finish_recalibration(prepared)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
@@ -857,7 +873,7 @@ def test_batches_are_moved_to_the_model_device(device):
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)))
     model = model.eval().to(device)
     batches = drifting(SIZES, (3, 6, 6))  # on the CPU
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     seen = capture(prepared)
     with torch.inference_mode():
         for b in batches:

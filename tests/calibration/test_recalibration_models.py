@@ -21,7 +21,7 @@ import torch.nn as nn
 import zoo
 from devices import DEVICES
 
-from fxnorm.calibration.recalibration import convert, prepare
+from fxnorm import finish_recalibration, prepare_recalibration, report_of, CalibrationReport
 from fxnorm.calibration.observers import NormObserver
 from fxnorm.calibration.selection import stat_norms
 
@@ -84,7 +84,7 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
     reference = train_mode_reference(model, batches)
     keys, types = list(model.state_dict()), [type(m) for m in model.modules()]
 
-    prepared = prepare(model)
+    prepared = prepare_recalibration(model)
     seen: dict[str, list[torch.Tensor]] = {}
     for m in prepared.modules():
         if isinstance(m, NormObserver):
@@ -93,7 +93,8 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
     with torch.inference_mode():
         for batch in batches:
             prepared(batch[0])
-    out, report = convert(prepared, report=True)
+    out = finish_recalibration(prepared)
+    report = report_of(out, CalibrationReport)
 
     assert out is model and list(model.state_dict()) == keys and [type(m) for m in model.modules()] == types
     assert all(m.training for m in model.modules())

@@ -14,7 +14,7 @@ from test_export import _mixed
 
 import zoo
 from fxnorm.cli import main
-from fxnorm.export import batch_norm_nodes, count_batch_norm_ops
+from fxnorm import batch_norm_nodes, count_batch_norm_ops
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="needs the onnx extra: pip install 'fxnorm[onnx]'")
@@ -79,7 +79,7 @@ def test_fold_onnx_without_the_extra_names_it(capsys: pytest.CaptureFixture, tmp
 def test_fold_onnx_checks_the_extra_before_writing(capsys: pytest.CaptureFixture, tmp_path, monkeypatch,
                                                    missing: str) -> None:
     import fxnorm.export
-    from fxnorm.errors import FxNormError, MissingExtraError
+    from fxnorm import FxNormError, MissingExtraError
 
     asked: list[str] = []
 

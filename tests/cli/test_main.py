@@ -18,9 +18,7 @@ import torch.nn as nn
 import torchvision
 
 from fxnorm.cli import main, relative_error
-from fxnorm.export import batch_norm_nodes, count_batch_norm_ops
-from fxnorm.inspection.render import report_dict
-from fxnorm.inspection.sites import find_norms
+from fxnorm import batch_norm_nodes, count_batch_norm_ops, report_dict, find_norms
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -489,7 +487,7 @@ def test_tensor_files(tmp_path: Path) -> None:
 )
 def test_bad_tensor_files(tmp_path: Path, content: object, kwargs: dict, needle: str) -> None:
     from fxnorm.cli.images import calibration_data
-    from fxnorm.errors import DataError
+    from fxnorm import DataError
 
     path = tmp_path / "bad.pt"
     torch.save(content, path)
@@ -499,7 +497,7 @@ def test_bad_tensor_files(tmp_path: Path, content: object, kwargs: dict, needle:
 
 def test_bad_folders(tmp_path: Path) -> None:
     from fxnorm.cli.images import calibration_data
-    from fxnorm.errors import DataError
+    from fxnorm import DataError
 
     with pytest.raises(DataError, match="no images found"):
         calibration_data(str(tmp_path))

@@ -19,10 +19,8 @@ from hypothesis import strategies as st
 from torch.fx.experimental.optimization import fuse
 from zoo import randomize_norms, rel_err
 
-from fxnorm.errors import FoldError
-from fxnorm.folding.apply import ChannelAffine, fold, fold_report
+from fxnorm import FoldError, ChannelAffine, fold, find_norms, report_of, FoldReport
 from fxnorm.graph.kinds import BN_KINDS
-from fxnorm.inspection.sites import find_norms
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -131,7 +129,7 @@ def test_conv_bn_folds(device, dim, bias, groups, stride, dilation, padding, mod
     x = torch.randn(2, 4, *([9] * dim), device=device)
     folded = check_fold(model, x)
     assert bns_left(folded) == []
-    (entry,) = fold_report(folded).folded
+    (entry,) = report_of(folded, FoldReport).folded
     assert (entry.name, entry.kind, entry.mode, entry.into) == ("1", f"BatchNorm{dim}d", "into_producer", "0")
     assert folded.get_submodule("0").bias.dtype == torch.float32
 
@@ -173,7 +171,7 @@ def test_naive_transposed_fold_is_wrong_for_groups():
 def test_linear_bn1d_folds_on_2d_input(device):
     model = randomize_norms(nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.BatchNorm1d(7)).eval()).to(device)
     folded = check_fold(model, torch.randn(5, 3, 4, device=device))
-    assert [(f.mode, f.into) for f in fold_report(folded).folded] == [("into_producer", "1")]
+    assert [(f.mode, f.into) for f in report_of(folded, FoldReport).folded] == [("into_producer", "1")]
 
 
 def test_linear_bn1d_rank_decided_by_example_inputs():
@@ -181,20 +179,20 @@ def test_linear_bn1d_rank_decided_by_example_inputs():
     model = randomize_norms(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)).eval())
     x3 = torch.randn(2, 6, 6)
     folded = check_fold(model, x3, example_inputs=(x3,))
-    (skip,) = fold_report(folded).skipped
+    (skip,) = report_of(folded, FoldReport).skipped
     assert "rank is 3" in skip.reason
     folded = check_fold(model, x3)  # rank unknown without example inputs: refused
-    assert "rank is unknown" in fold_report(folded).skipped[0].reason
+    assert "rank is unknown" in report_of(folded, FoldReport).skipped[0].reason
     x2 = torch.randn(4, 6)
     folded = check_fold(model, x2, example_inputs=(x2,))
-    assert fold_report(folded).skipped == [] and bns_left(folded) == []
+    assert report_of(folded, FoldReport).skipped == [] and bns_left(folded) == []
 
 
 def test_functional_batch_norm_folds():
     model = FunctionalBN().eval()
     folded = check_fold(model, torch.randn(2, 3, 8, 8))
     assert bns_left(folded) == []
-    (entry,) = fold_report(folded).folded
+    (entry,) = report_of(folded, FoldReport).folded
     assert entry.kind == "batch_norm" and entry.into == "conv"
     assert not any(torch.equal(b, model.mean) for b in folded.buffers())  # the constants are gone
 
@@ -203,7 +201,7 @@ def test_frozen_batch_norm_folds():
     frozen = torchvision.ops.misc.FrozenBatchNorm2d(8)
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), frozen, nn.ReLU()))
     folded = check_fold(model, torch.randn(1, 3, 10, 10))
-    assert [f.kind for f in fold_report(folded).folded] == ["FrozenBatchNorm2d"]
+    assert [f.kind for f in report_of(folded, FoldReport).folded] == ["FrozenBatchNorm2d"]
     assert bns_left(folded) == []
 
 
@@ -222,7 +220,7 @@ def test_bn_subclass_with_activation_folds_as_functional_and_keeps_relu():
     with torch.no_grad():
         assert bool((model(x) == 0).any())  # the ReLU matters for this input
     folded = check_fold(model, x)
-    (entry,) = fold_report(folded).folded
+    (entry,) = report_of(folded, FoldReport).folded
     assert entry.kind == "batch_norm" and entry.name == "1"
     assert bns_left(folded) == []
     assert any(n.target in (F.relu, torch.relu) for n in folded.graph.nodes)
@@ -231,14 +229,14 @@ def test_bn_subclass_with_activation_folds_as_functional_and_keeps_relu():
 def test_conv_bn_bn_chain_folds_both():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval())
     folded = check_fold(model, torch.randn(1, 3, 6, 6))
-    assert [(f.name, f.into) for f in fold_report(folded).folded] == [("1", "0"), ("2", "0")]
+    assert [(f.name, f.into) for f in report_of(folded, FoldReport).folded] == [("1", "0"), ("2", "0")]
 
 
 def test_shared_bn_module_folds_at_each_site():
     bn = nn.BatchNorm2d(4)
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.Conv2d(4, 4, 1), bn).eval())
     folded = check_fold(model, torch.randn(1, 3, 5, 5))
-    assert [f.into for f in fold_report(folded).folded] == ["0", "2"] and bns_left(folded) == []
+    assert [f.into for f in report_of(folded, FoldReport).folded] == ["0", "2"] and bns_left(folded) == []
 
 
 # ---------------------------------------------------------------- BN before a conv
@@ -260,7 +258,7 @@ def test_bn_into_next_conv(padding, mode, zero_shift, folds, groups):
             bn.bias.zero_()
     model = nn.Sequential(nn.ReLU(), bn, nn.Conv2d(4, 6, 3, padding=padding, padding_mode=mode, groups=groups)).eval()
     folded = check_fold(model, torch.randn(2, 4, 7, 7))
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     if folds:
         assert [(f.mode, f.into) for f in report.folded] == [("into_consumer", "2")]
         assert bns_left(folded) == []
@@ -272,7 +270,7 @@ def test_bn_into_next_conv(padding, mode, zero_shift, folds, groups):
 def test_bn_into_next_linear_and_maxvit_pattern():
     model = randomize_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval())
     folded = check_fold(model, torch.randn(4, 5), example_inputs=(torch.randn(4, 5),))
-    assert [f.mode for f in fold_report(folded).folded] == ["into_consumer"]
+    assert [f.mode for f in report_of(folded, FoldReport).folded] == ["into_consumer"]
     # maxvit's MBConv: pre_norm (BN) -> 1x1 conv; torch's fuse only looks for conv -> bn.
     from torchvision.models.maxvit import MBConv
 
@@ -292,7 +290,7 @@ def test_conv_called_at_two_sites_not_folded_and_torch_fuse_is_wrong():
         ref = model(x)
         assert rel_err(fuse(model)(x), ref) > 1e-2  # torch folds the shared conv twice: silently wrong
     folded = check_fold(model, x)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     assert report.folded == []
     assert sorted(s.name for s in report.skipped) == ["bn_a", "bn_b"]
     assert all("called at 2 sites" in s.reason for s in report.skipped)
@@ -301,7 +299,7 @@ def test_conv_called_at_two_sites_not_folded_and_torch_fuse_is_wrong():
 
 def test_conv_output_with_other_users_not_folded():
     folded = check_fold(randomize_norms(Residual().eval()), torch.randn(1, 4, 6, 6))
-    (skip,) = fold_report(folded).skipped
+    (skip,) = report_of(folded, FoldReport).skipped
     assert skip.name == "bn" and "also used by" in skip.reason
 
 
@@ -331,7 +329,7 @@ def test_shape_queries_do_not_block_folds():
     assert conv_users == {"getattr_1", "size", "dim", "bn", "getattr_2", "numel"}  # the model reads them
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     folded = check_fold(model, x, tol=1e-12, strict=True)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     assert {f.name: (f.mode, f.into) for f in report.folded} == {
         "bn": ("into_producer", "conv"), "bn2": ("into_consumer", "conv2")}
     assert report.skipped == [] and bns_left(folded) == []
@@ -355,14 +353,14 @@ def test_norm_affine_ignores_shape_queries():
 
     model = randomize_norms(Block().eval()).double()
     folded = check_fold(model, torch.randn(2, 3, 6, dtype=torch.float64), tol=1e-12, norm_affine=True)
-    assert [(f.name, f.into) for f in fold_report(folded).folded] == [("ln", "fc")]
+    assert [(f.name, f.into) for f in report_of(folded, FoldReport).folded] == [("ln", "fc")]
     assert folded.get_submodule("ln").weight is None
 
 
 def test_unknown_bn_subclass_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BNTimesTwo(4)).eval()
     folded = check_fold(model, torch.randn(1, 3, 5, 5))
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     assert report.folded == []
     (skip,) = report.skipped
     assert skip.name == "1" and skip.kind == "BatchNorm2d" and "BNTimesTwo overrides forward()" in skip.reason
@@ -384,10 +382,10 @@ def test_bn_without_constant_statistics(case):
         fold(model, strict=True, inplace=True)  # strict raises before changing anything, even in place
     assert same_state(model, saved) and isinstance(model, nn.Sequential) and model[1] is bn
     folded = fold(model)
-    (skip,) = fold_report(folded).skipped
+    (skip,) = report_of(folded, FoldReport).skipped
     assert skip.name == "1" and ("training mode" in skip.reason or "track_running_stats" in skip.reason)
     folded = fold(model, standalone="affine")  # no constant statistics: never an affine either
-    assert fold_report(folded).folded == []
+    assert report_of(folded, FoldReport).folded == []
     assert same_state(model, saved)
     folded.eval() if case == "no_stats" else None
     x = torch.randn(4, 3, 6, 6)
@@ -397,7 +395,7 @@ def test_bn_without_constant_statistics(case):
 
 def test_strict_passes_when_everything_folds():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
-    assert len(fold_report(fold(model, strict=True)).folded) == 1
+    assert len(report_of(fold(model, strict=True), FoldReport).folded) == 1
 
 
 # ---------------------------------------------------------------- standalone affine
@@ -407,7 +405,7 @@ def test_standalone_affine_chain_of_unfoldable_norms():
     model = randomize_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Sigmoid()).eval())
     for inplace in (False, True):
         folded = check_fold(copy.deepcopy(model), torch.randn(2, 3, 4, 4), standalone="affine", inplace=inplace)
-        assert [(f.name, f.mode) for f in fold_report(folded).folded] == [("1", "affine"), ("2", "affine")]
+        assert [(f.name, f.mode) for f in report_of(folded, FoldReport).folded] == [("1", "affine"), ("2", "affine")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -415,8 +413,8 @@ def test_standalone_affine(dtype):
     model = randomize_norms(Residual().eval()).to(dtype)
     x = torch.randn(2, 4, 6, 6, dtype=dtype)
     folded = check_fold(model, x, standalone="affine", tol=1e-5 if dtype == torch.float32 else 1e-12)
-    (entry,) = fold_report(folded).folded
-    assert entry.mode == "affine" and fold_report(folded).skipped == []
+    (entry,) = report_of(folded, FoldReport).folded
+    assert entry.mode == "affine" and report_of(folded, FoldReport).skipped == []
     affine = folded.get_submodule(entry.into)
     assert isinstance(affine, ChannelAffine) and affine.scale.dtype == dtype
     assert bns_left(folded) == [] and folded(x).dtype == dtype
@@ -429,8 +427,8 @@ def test_standalone_affine_for_functional_bn():
             return F.conv2d(y, self.conv.weight, padding=1)
 
     folded = check_fold(Pre().eval(), torch.randn(1, 3, 6, 6), standalone="affine")
-    assert [f.mode for f in fold_report(folded).folded] == ["affine"]
-    assert isinstance(folded.get_submodule(fold_report(folded).folded[0].into), ChannelAffine)
+    assert [f.mode for f in report_of(folded, FoldReport).folded] == ["affine"]
+    assert isinstance(folded.get_submodule(report_of(folded, FoldReport).folded[0].into), ChannelAffine)
 
 
 # ---------------------------------------------------------------- numerics
@@ -483,7 +481,7 @@ def test_user_model_untouched_and_nothing_shared():
     theirs = {t.data_ptr() for t in model.state_dict().values()}
     assert not any(t.data_ptr() in theirs for t in folded.state_dict().values())
     assert same_state(model, saved)
-    assert len(fold_report(folded).folded) == 20 and bns_left(folded) == []
+    assert len(report_of(folded, FoldReport).folded) == 20 and bns_left(folded) == []
 
 
 def test_inplace_changes_the_model_layers():
@@ -509,15 +507,17 @@ def test_tied_weight_keeps_old_tensor():
 def test_report_and_find_norms_of_folded_model():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)).eval())
     folded = fold(model)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     data = report.to_dict()
     assert data["counts"] == {"folded": 1, "skipped": 1, "untraced": 0}
     assert data["folded"][0] == {"name": "1", "kind": "BatchNorm2d", "mode": "into_producer", "into": "0"}
     assert data["skipped"][0]["name"] == "3" and "not a conv" in data["skipped"][0]["reason"]
     assert [s.name for s in bns_left(folded)] == ["3"]
-    assert fold_report(copy.deepcopy(folded)).folded == report.folded  # survives deepcopy
-    with pytest.raises(FoldError, match="did not come from fxnorm.folding.apply"):
-        fold_report(model)
+    assert not [k for k in vars(folded) if "fxnorm" in k]  # the report is kept beside the model, not on it
+    with pytest.raises(FoldError, match="what fxnorm.fold"):
+        report_of(copy.deepcopy(folded), FoldReport)  # a copy is not what fold returned
+    with pytest.raises(FoldError, match="what fxnorm.fold"):
+        report_of(model, FoldReport)
 
 
 def test_bad_arguments():
@@ -552,7 +552,7 @@ def test_partly_traced_model_folds_in_its_parts():
     model = randomize_norms(Glue().eval())
     x = torch.randn(2, 3, 6, 6)
     folded = check_fold(model, x, example_inputs=(x,))
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     assert sorted((f.name, f.into) for f in report.folded) == [("body.1", "body.0"), ("head.1", "head.0")]
     assert [s.name for s in report.skipped] == ["loose"] and "untraced" in report.skipped[0].reason
     assert report.untraced[0].name == ""
@@ -650,7 +650,7 @@ def test_norm_affine_toy_transformer_block(device):
     model = randomize_norms(Block().eval()).to(device)
     x = torch.randn(2, 5, 16, device=device)
     folded = check_fold(model, x, norm_affine=True)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     got = {f.name: (f.mode, f.into) for f in report.folded}
     assert got == {
         "ln1": ("norm_affine_into_consumer", "attn"),
@@ -664,7 +664,7 @@ def test_norm_affine_toy_transformer_block(device):
     assert folded.get_submodule("ln_out").weight is not None
     (skip,) = report.skipped
     assert skip.name == "ln_out" and "affine part not folded" in skip.reason and "mean" in skip.reason
-    assert fold_report(fold(model)).folded == []  # only with norm_affine=True
+    assert report_of(fold(model), FoldReport).folded == []  # only with norm_affine=True
 
 
 @pytest.mark.parametrize("padding,mode,folds", [(0, "zeros", True), (1, "reflect", True), (1, "zeros", False)])
@@ -672,7 +672,7 @@ def test_norm_affine_group_norm_into_conv(padding, mode, folds):
     model = randomize_norms(nn.Sequential(nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 3, padding=padding,
                                                                          padding_mode=mode)).eval())
     folded = check_fold(model, torch.randn(2, 8, 6, 6), norm_affine=True)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     if folds:
         assert [(f.name, f.into) for f in report.folded] == [("0", "1")]
         assert not folded.get_submodule("0").affine
@@ -692,7 +692,7 @@ def test_norm_affine_functional_layer_norm():
 
     model = Fn().eval()
     folded = check_fold(model, torch.randn(3, 8), norm_affine=True)
-    assert [f.kind for f in fold_report(folded).folded] == ["layer_norm"]
+    assert [f.kind for f in report_of(folded, FoldReport).folded] == ["layer_norm"]
     (node,) = [n for n in folded.graph.nodes if n.target is F.layer_norm]
     given = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args), **node.kwargs)
     assert given["weight"] is None and given["bias"] is None
@@ -708,14 +708,14 @@ def test_norm_affine_small_vit_and_swin():
                                             mlp_dim=128).eval())
     folded = check_fold(vit, torch.randn(2, 3, 32, 32), norm_affine=True)
     # per encoder layer: ln_1 -> self_attention (packed in_proj), ln_2 -> mlp.0; the final ln feeds x[:, 0]
-    assert sorted(f.into.rsplit(".", 1)[-1] for f in fold_report(folded).folded) == ["0", "0", "self_attention",
+    assert sorted(f.into.rsplit(".", 1)[-1] for f in report_of(folded, FoldReport).folded) == ["0", "0", "self_attention",
                                                                                        "self_attention"]
     swin = randomize_norms(SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 2],
                                            window_size=[4, 4]).eval())
     folded = check_fold(swin, torch.randn(1, 3, 32, 32), norm_affine=True)
-    folded_names = [f.name for f in fold_report(folded).folded]
+    folded_names = [f.name for f in report_of(folded, FoldReport).folded]
     # norm2 -> mlp.0 in each of the 4 blocks and PatchMerging's norm -> reduction fold; norm1 feeds the
     # (zero-padding) window attention function
     assert sorted(folded_names) == sorted([f"features.{i}.{j}.norm2" for i in (1, 3) for j in (0, 1)]
                                           + ["features.2.norm"])
-    assert all("shifted_window_attention" in s.reason for s in fold_report(folded).skipped if s.name.endswith("norm1"))
+    assert all("shifted_window_attention" in s.reason for s in report_of(folded, FoldReport).skipped if s.name.endswith("norm1"))

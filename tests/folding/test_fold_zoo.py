@@ -31,10 +31,8 @@ import torch.nn as nn
 from torchvision import models as tvm
 
 import zoo
-from fxnorm.folding.apply import fold, fold_report
+from fxnorm import fold, find_norms, trace, report_of, FoldReport, TraceReport
 from fxnorm.graph.kinds import BN_KINDS, norm_kind
-from fxnorm.inspection.sites import find_norms
-from fxnorm.graph.tracing import trace, trace_report
 
 FAMILIES = ("classification", "segmentation", "video", "detection")
 MODELS = [name for family in FAMILIES for name in zoo.FAMILIES[family]]
@@ -131,7 +129,7 @@ def check_zoo_model(name: str, device: str, dtype: torch.dtype = torch.float32) 
     if family == "detection":
         # Which parts trace can depend on state set by a first forward (MultiScaleRoIAlign caches its
         # scales): list them after one, then capture what each part receives and returns.
-        graphs = [g for g in trace_report(trace(model)).graphs if g]
+        graphs = [g for g in report_of(trace(model), TraceReport).graphs if g]
         parts, handles = _hook_parts(model, graphs)
         with torch.no_grad():
             ref = model(*inputs)
@@ -151,12 +149,12 @@ def check_zoo_model(name: str, device: str, dtype: torch.dtype = torch.float32) 
                     err = zoo.rel_err(part(*args, **kwargs), expected)
                     assert err < tol, f"{name}: part {part_name} relative error {err}"
             assert len(zoo.flatten_outputs(out)) == len(zoo.flatten_outputs(ref))
-            assert sorted(trace_report(folded).graphs) == sorted(parts)  # every folded part was compared
+            assert sorted(report_of(folded, TraceReport).graphs) == sorted(parts)  # every folded part was compared
         else:
             assert isinstance(folded, fx.GraphModule)  # every non-detection model traces as a whole
             err = zoo.rel_err(out, ref)
             assert err < tol, f"{name}: relative error {err}"
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     left = [s.name for s in find_norms(folded) if s.kind in BN_KINDS]
     folded_bn, affine = _counts(report)
     assert len(left) == EXPECTED_LEFT.get(name, 0), report.skipped
@@ -199,7 +197,7 @@ def test_fold_zoo_expensive_structure(name: str) -> None:
     model = _meta_build(name)
     reached = [n for n, m in model.named_modules() if norm_kind(m) in BN_KINDS]
     folded = fold(model, inplace=True, norm_affine=True)
-    report = fold_report(folded)
+    report = report_of(folded, FoldReport)
     folded_bn, affine = _counts(report)
     assert isinstance(folded, fx.GraphModule)
     assert [s.name for s in find_norms(folded) if s.kind in BN_KINDS] == []

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxnorm.folding import maths as fold_math
-from fxnorm.errors import FoldError
+from fxnorm import FoldError
 from fxnorm.folding.maths import (
     bn_scale_shift,
     fold_affine_into_next_linear,

@@ -13,8 +13,8 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from devices import DEVICES
-from fxnorm.errors import FxNormError, TraceError
-from fxnorm.graph.tracing import NormTracer, TraceReport, graph_parts, is_traced, trace, trace_report
+from fxnorm import FxNormError, TraceError, TraceReport, trace, report_of
+from fxnorm.graph.tracing import NormTracer, graph_parts, is_traced
 
 
 class BNAct(nn.BatchNorm2d):
@@ -96,7 +96,7 @@ def test_whole_model_is_one_graph_with_scopes() -> None:
     model = _randomize(Block()).eval()
     gm = trace(model)
     assert isinstance(gm, fx.GraphModule)
-    report = trace_report(gm)
+    report = report_of(gm, TraceReport)
     assert report.complete and report.graphs == [""] and report.untraced == []
     mods = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     # plain conv/bn stay leaves, the BN subclass with its own forward is traced through
@@ -119,7 +119,7 @@ def test_bn_subclass_in_training_mode_updates_statistics_and_leaves_counters() -
     model = Block().train()
     ref = copy.deepcopy(model)
     gm = trace(model)
-    assert trace_report(gm).complete
+    assert report_of(gm, TraceReport).complete
     # tracing ran BNAct's code on the real buffers; the user's counters must be left as they were
     assert int(model.act.num_batches_tracked) == 0
     x = torch.randn(8, 4, 3, 3)
@@ -142,7 +142,7 @@ def test_data_dependent_model_traces_part_by_part(device: str) -> None:
     before = _ids(model)
     traced = trace(model)
     assert type(traced) is DataDependent  # the glue stays eager, same class
-    report = trace_report(traced)
+    report = report_of(traced, TraceReport)
     assert not report.complete
     assert report.graphs == ["stem", "body"]  # the plain conv head is a leaf: nothing to trace
     assert [u.name for u in report.untraced] == [""]
@@ -164,7 +164,7 @@ def test_data_dependent_model_traces_part_by_part(device: str) -> None:
 def test_nested_untraceable_and_containers() -> None:
     model = _randomize(NestedUntraceable()).eval()
     traced = trace(model)
-    report = trace_report(traced)
+    report = report_of(traced, TraceReport)
     untraced = {u.name: u.type for u in report.untraced}
     assert untraced == {"": "NestedUntraceable", "b": "BranchyChild"}
     # a ModuleList is a container: its members are tried one by one. The plain conv is a leaf and
@@ -184,7 +184,7 @@ def test_inplace_replaces_children_of_the_model() -> None:
     traced = trace(model, inplace=True)
     assert traced is model
     assert isinstance(model.stem, fx.GraphModule) and model.stem is not stem
-    assert trace_report(model).graphs == trace_report(traced).graphs
+    assert report_of(model, TraceReport).graphs == report_of(traced, TraceReport).graphs
 
 
 def test_copy_leaves_trained_flags_and_plain_attributes() -> None:
@@ -252,9 +252,9 @@ def test_concrete_args_are_honoured() -> None:
 
     model = _randomize(Flag()).eval()
     without = trace(model)
-    assert not trace_report(without).complete  # `if use_bn` on a proxy fails
+    assert not report_of(without, TraceReport).complete  # `if use_bn` on a proxy fails
     gm = trace(model, concrete_args={"use_bn": False})
-    assert trace_report(gm).complete
+    assert report_of(gm, TraceReport).complete
     assert "bn" not in [n.target for n in gm.graph.nodes if n.op == "call_module"]
     x = torch.randn(1, 2, 3, 3)
     torch.testing.assert_close(gm(x, False), model(x, use_bn=False))
@@ -263,7 +263,7 @@ def test_concrete_args_are_honoured() -> None:
 def test_tracing_a_graph_module_keeps_it() -> None:
     gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)))
     assert trace(gm) is gm or isinstance(trace(gm), fx.GraphModule)
-    assert trace_report(gm).complete  # a GraphModule traced elsewhere counts as complete
+    assert report_of(gm, TraceReport).complete  # a GraphModule traced elsewhere counts as complete
     assert is_traced(gm)
 
 
@@ -271,7 +271,7 @@ def test_errors() -> None:
     with pytest.raises(TraceError, match="expects an nn.Module, got int"):
         trace(3)  # type: ignore[arg-type]
     with pytest.raises(TraceError, match="fxnorm.trace"):
-        trace_report(nn.Linear(1, 1))
+        report_of(nn.Linear(1, 1), TraceReport)
     assert issubclass(TraceError, FxNormError)
     assert not is_traced(nn.Linear(1, 1))
 
@@ -298,7 +298,7 @@ def test_detection_model_parts_and_outputs(device: str) -> None:
     model = _randomize(model).eval().to(device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     traced = trace(model)
-    report = trace_report(traced)
+    report = report_of(traced, TraceReport)
     assert "backbone" in report.graphs and "roi_heads.box_head" in report.graphs
     names = {u.name for u in report.untraced}
     assert {"", "transform", "rpn", "roi_heads"} <= names
@@ -322,7 +322,7 @@ def test_detection_model_parts_and_outputs(device: str) -> None:
 def test_optical_flow_model_traces_in_parts() -> None:
     model = torchvision.models.optical_flow.raft_small(weights=None).eval()
     traced = trace(model)
-    report = trace_report(traced)
+    report = report_of(traced, TraceReport)
     assert {"feature_encoder", "context_encoder", "update_block"} <= set(report.graphs)
     assert report.untraced[0].name == ""
     torch.manual_seed(0)

@@ -26,8 +26,7 @@ from torchvision import models as tvm
 
 import zoo
 from fxnorm.graph.kinds import BN_KINDS, norm_kind
-from fxnorm.inspection.sites import find_norms
-from fxnorm.graph.tracing import trace, trace_report
+from fxnorm import find_norms, trace, report_of, TraceReport
 
 FAMILIES = ("classification", "segmentation", "video", "detection")
 MODELS = [name for family in FAMILIES for name in zoo.FAMILIES[family]]
@@ -126,7 +125,7 @@ def test_find_norms_finds_every_reached_batch_norm(name: str) -> None:
     reached = _reached_batch_norms(model, zoo.example_inputs(name))
     assert reached, f"{name} has BatchNorm modules but none ran"
     traced = trace(model)
-    report = trace_report(traced)
+    report = report_of(traced, TraceReport)
     sites = find_norms(traced)
     bn = [s for s in sites if s.kind in BN_KINDS]
     assert sorted(s.name for s in bn) == sorted(reached)  # same modules, one site each

@@ -6,9 +6,16 @@ import json
 
 import torch.nn as nn
 
-from fxnorm.inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
-from fxnorm.inspection.sites import NormSite, find_norms
-from fxnorm.graph.tracing import UntracedPart
+from fxnorm import (
+    format_summary,
+    format_table,
+    format_untraced,
+    report_dict,
+    summarize,
+    NormSite,
+    find_norms,
+    UntracedPart,
+)
 from zoo import randomize_norms
 
 

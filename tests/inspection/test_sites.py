@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from devices import DEVICES
-from fxnorm.inspection.sites import NormSite, find_norms, health_flags
-from fxnorm.graph.tracing import trace
+from fxnorm import NormSite, find_norms, trace
+from fxnorm.inspection.sites import health_flags
 from zoo import randomize_norms
 
 
@@ -39,7 +39,7 @@ class Inner(nn.Module):
         self.fbn = FunctionalBN()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.batch_norm(self.fbn.conv(x), self.fbn.rm, self.fbn.rv, None, None, False, 0.1, 1e-5, False)
+        return torch.batch_norm(self.fbn.conv(x), None, None, self.fbn.rm, self.fbn.rv, False, 0.1, 1e-5, False)
 
 
 class BNAct(nn.BatchNorm2d):

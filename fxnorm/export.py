@@ -243,12 +243,14 @@ def export_onnx(
         if dynamo:
             program = torch.onnx.export(folded, args, dynamo=True, opset_version=opset_version, optimize=optimize,
                                         dynamic_shapes=dynamic_shapes, verbose=False)
+            if program is None:
+                raise TraceError("torch.onnx.export returned no program")
             proto = program.model_proto
         else:
             import io
 
             buffer = io.BytesIO()
-            torch.onnx.export(folded, args, buffer, dynamo=False, opset_version=opset_version,
+            torch.onnx.export(folded, args, buffer, dynamo=False,  # type: ignore[arg-type]  # file-like works opset_version=opset_version,
                               do_constant_folding=optimize)
             proto = onnx.load_from_string(buffer.getvalue())
     except Exception as err:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -55,8 +56,11 @@ class _Entry:
 _ENTRIES: dict[int, _Entry] = {}
 
 
-def _forget(key: int) -> None:
-    _ENTRIES.pop(key, None)
+def _forget_entry(key: int, ref: weakref.ref) -> None:
+    """Weak-reference callback: the object is gone, so is its entry (unless the id was reused)."""
+    entry = _ENTRIES.get(key)
+    if entry is not None and entry.ref is ref:
+        del _ENTRIES[key]
 
 
 def record_report(result: object, report: Report) -> None:
@@ -75,7 +79,7 @@ def record_report(result: object, report: Report) -> None:
     entry = _ENTRIES.get(key)
     if entry is None or entry.ref() is not result:
         try:
-            ref = weakref.ref(result, lambda _, key=key: _forget(key))
+            ref = weakref.ref(result, functools.partial(_forget_entry, key))
         except TypeError:
             raise FxNormError(f"cannot keep a report for a {type(result).__name__} (no weak references)") from None
         entry = _ENTRIES[key] = _Entry(ref)

@@ -3,13 +3,12 @@ where no fold was possible (the count equals what the fold report lists as skipp
 find_norms said could not fold). Outputs of the exported program match the unfolded model.
 
 CI runs one torchvision classification model per architecture family (:data:`SUBSET`); the full
-sweep over every classification model is marked ``slow`` and runs with ``FXNORM_FULL_ZOO=1``
+sweep over every classification model is marked ``slow`` (``pytest -m slow`` runs it)
 (figures in docs/quantization.md).
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -35,7 +34,6 @@ from fxnorm import (
 from fxnorm.export import skipped_batch_norms
 from fxnorm.graph.kinds import BN_KINDS
 
-FULL = bool(os.environ.get("FXNORM_FULL_ZOO"))
 TOL = 1e-4
 
 #: One classification model per architecture family (export takes seconds per model on two cores).
@@ -80,7 +78,6 @@ def test_export_folded_zoo_subset(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FULL, reason="the full classification sweep runs with FXNORM_FULL_ZOO=1")
 @pytest.mark.parametrize("name", REST)
 def test_export_folded_full_classification_zoo(name: str) -> None:
     _check_zoo_model(name, export_unfolded=True)

@@ -25,14 +25,12 @@ parameter initialisation; listed so that a test can mark them ``slow`` or share 
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torchvision
+from helpers import flatten_outputs, randomize_norms, rel_err
 from torchvision import models as tvm
 
 __all__ = [
@@ -142,56 +140,6 @@ def _builder_accepts(fn: Any, key: str) -> bool:
 
 
 @torch.no_grad()
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every normalization layer random statistics and affine parameters (in place).
-
-    Modules with running stats (BatchNorm*, SyncBatchNorm, FrozenBatchNorm2d, tracked InstanceNorm):
-    ``running_mean ~ N(0, 0.5)``, ``running_var ~ U(0.5, 2)``, ``weight ~ U(0.5, 1.5)``,
-    ``bias ~ N(0, 0.2)``, ``num_batches_tracked = 10``. LayerNorm / GroupNorm / RMSNorm / untracked
-    InstanceNorm: affine parameters drawn the same way. Values are drawn on the CPU in float64 from
-    one seeded generator, module by module in ``named_modules`` order, then cast to each tensor's dtype
-    and device, so the same seed gives the same model anywhere.
-
-    Example:
-        >>> bn = randomize_norms(nn.BatchNorm2d(4))
-        >>> bool((bn.running_var >= 0.5).all()), int(bn.num_batches_tracked)
-        (True, 10)
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(t: torch.Tensor, kind: str) -> None:
-        shape = t.shape
-        if kind == "mean":
-            v = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5
-        elif kind == "var":
-            v = torch.rand(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5
-        elif kind == "weight":
-            v = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
-        else:
-            v = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.2
-        t.copy_(v.to(dtype=t.dtype))
-
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    extra: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-    frozen = torchvision.ops.misc.FrozenBatchNorm2d
-    for module in model.modules():
-        if not isinstance(module, norm_types + extra + (frozen,)):
-            continue
-        mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-        if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
-            draw(mean, "mean")
-            draw(var, "var")
-        nbt = getattr(module, "num_batches_tracked", None)
-        if isinstance(nbt, torch.Tensor):
-            nbt.fill_(10)
-        for attr, kind in (("weight", "weight"), ("bias", "bias")):
-            t = getattr(module, attr, None)
-            if isinstance(t, torch.Tensor):
-                draw(t, kind)
-    return model
-
-
-@torch.no_grad()
 def randomize_dormant(model: nn.Module, seed: int = 0) -> nn.Module:
     """Re-draw the parameters that make a freshly built model nearly insensitive to what a test changes
     (in place): all-zero weights of conv/linear layers (the ViT head is zero-initialised, so a ViT's
@@ -292,56 +240,6 @@ def example_inputs(
     if family == "optical_flow":
         return (rand(batch, 3, *size), rand(batch, 3, *size))
     return (rand(batch, 3, *size),)
-
-
-def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested output (tuples, lists, dicts, namedtuples), in a deterministic order
-    (dict keys in insertion order).
-
-    Example:
-        >>> [t.item() for t in flatten_outputs({"a": torch.tensor(1), "b": [torch.tensor(2), None]})]
-        [1, 2]
-    """
-    found: list[torch.Tensor] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            found.append(obj)
-        elif isinstance(obj, Mapping):
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value)
-
-    walk(out)
-    return found
-
-
-def rel_err(a: Any, b: Any) -> float:
-    """``max|a - b| / max|b|`` over all tensors of two outputs (float64; ``b`` is the reference).
-
-    Raises ValueError when the outputs do not have the same structure and shapes.
-
-    Example:
-        >>> rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
-        0.5
-    """
-    xs, ys = flatten_outputs(a), flatten_outputs(b)
-    if len(xs) != len(ys):
-        raise ValueError(f"outputs differ in structure: {len(xs)} vs {len(ys)} tensors")
-    diff, ref = 0.0, 0.0
-    for x, y in zip(xs, ys):
-        if x.shape != y.shape:
-            raise ValueError(f"output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-        if x.numel() == 0:
-            continue
-        x64, y64 = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
-        diff = max(diff, float((x64 - y64).abs().max()))
-        ref = max(ref, float(y64.abs().max()))
-    if diff == 0.0:
-        return 0.0
-    return diff / ref if ref > 0 else math.inf
 
 
 def _time_all(names: list[str]) -> None:  # pragma: no cover - a measuring tool, not a test

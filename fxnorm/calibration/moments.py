@@ -182,7 +182,8 @@ class ChannelMoments:
             if values.numel() != 1:
                 raise CalibrationError(f"count must hold a single value, got {count.tolist()}")
             count = values.item()
-        count = int(count) if isinstance(count, float) and count.is_integer() else count
+        if isinstance(count, float) and float(count).is_integer():
+            count = int(count)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise CalibrationError(f"count must be a non-negative integer, got {count!r}")
         vectors = []

@@ -74,7 +74,7 @@ def reset(model: nn.Module, *, select: Select = None) -> nn.Module:
     chosen = [(name, m) for name, m in select_norms(model, select) if not lazy_uninitialized(m)]
     with torch.no_grad():
         for _, module in chosen:
-            module.reset_running_stats()
+            module.reset_running_stats()  # type: ignore[operator]  # every statistics norm has it
     record_report(model, ResetReport([name for name, _ in chosen]))
     return model
 

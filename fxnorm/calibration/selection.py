@@ -93,7 +93,7 @@ def matcher(select: Select) -> Callable[[str, nn.Module | None], bool]:
         predicate = select
 
         def call(name: str, module: nn.Module | None) -> bool:
-            return bool(predicate(name, module))
+            return bool(predicate(name, module))  # type: ignore[arg-type]  # module is None only for bare functions
 
         return call
     raise CalibrationError(

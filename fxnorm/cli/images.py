@@ -50,7 +50,7 @@ def find_images(folder: str) -> list[str]:
         >>> find_images(tempfile.mkdtemp())
         []
     """
-    found = []
+    found: list[str] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(os.path.join(root, f) for f in files

@@ -59,4 +59,4 @@ def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
                 if t is not None and id(t) in shared and shared[id(t)] is t:
                     if id(t) not in copies:
                         copies[id(t)] = copy.deepcopy(t)
-                    store[key] = copies[id(t)]
+                    store[key] = copies[id(t)]  # type: ignore[assignment]  # a Parameter's deepcopy is one

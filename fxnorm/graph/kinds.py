@@ -171,7 +171,7 @@ def is_plain(module: nn.Module) -> bool:
     base = known_base(module)
     if base is None:
         return False
-    return type(module).forward is base[0].forward
+    return getattr(type(module), "forward", None) is getattr(base[0], "forward", None)
 
 
 def is_plain_norm(module: nn.Module) -> bool:

@@ -190,9 +190,9 @@ def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose child table can change without touching the original."""
     new = copy.copy(module)
-    new._modules = dict(module._modules)  # type: ignore[assignment]
-    new._parameters = dict(module._parameters)  # type: ignore[assignment]
-    new._buffers = dict(module._buffers)  # type: ignore[assignment]
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
     return new
 
 

@@ -10,25 +10,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torchvision
 
+from helpers import float64_moments
 from fxnorm import finish_recalibration, prepare_recalibration
 from fxnorm.calibration.observers import NormObserver, NormTarget, Session
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def observers_of(prepared: nn.Module) -> dict[str, NormObserver]:
     return {obs.target.name: obs for obs in prepared.modules() if isinstance(obs, NormObserver)}
 
-
-def float64_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
-    return flat.mean(1), flat.var(1, unbiased=False)
 
 
 class ConvBN(nn.Module):
@@ -68,7 +60,7 @@ def test_observer_matches_training_mode_and_float64(shape: tuple[int, ...], offs
     scale = max(1.0, expected.abs().max().item())
     assert (out - expected).abs().max().item() <= 2e-3 * scale if offset >= 1e4 else 1e-5 * scale
     target.flush()
-    mean, var = float64_stats(x)
+    mean, var = float64_moments([x])[:2]
     assert torch.allclose(target.moments.mean, mean, rtol=1e-6, atol=1e-6 * var.sqrt().max().item())
     assert ((target.moments.variance() - var).abs() / var).max().item() < 1e-6
 
@@ -181,7 +173,7 @@ def test_functional_conv_producer_is_overwritten() -> None:
         out = prepared(x)
     finish_recalibration(prepared)
     y = torch.nn.functional.conv2d(x, model.weight.detach())
-    mean, var = float64_stats(y)
+    mean, var = float64_moments([y])[:2]
     n = y.numel() // y.shape[1]
     assert torch.allclose(model.bn.running_mean.double(), mean, atol=1e-5)
     assert ((model.bn.running_var.double() - var * n / (n - 1)).abs() / var).max() < 1e-5
@@ -237,7 +229,7 @@ def test_shifted_producers_keep_statistics_exact(offsets: tuple[float, ...]) -> 
             reference, resolution = [], 0.0
             for name, values in producer_outputs(model, b).items():
                 # float32 resolves the inputs only to ~1e-7 of their magnitude: relative to their spread
-                spread = [float(v.abs().max() / float64_stats(v)[1].sqrt().min()) for v in values]
+                spread = [float(v.abs().max() / float64_moments([v])[:2][1].sqrt().min()) for v in values]
                 resolution = max(resolution, *spread)
                 bn = model.get_submodule(name)
                 normalized = [torch.nn.functional.batch_norm(v, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
@@ -249,7 +241,7 @@ def test_shifted_producers_keep_statistics_exact(offsets: tuple[float, ...]) -> 
     assert all(obs.shift is not None for obs in observers_of(prepared).values())
     finish_recalibration(prepared)
     for name, values in expected.items():
-        mean, var = float64_stats(torch.cat(values))
+        mean, var = float64_moments([torch.cat(values)])[:2]
         n = sum(v.numel() // v.shape[1] for v in values)
         bn = model.get_submodule(name)
         assert ((bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6, name
@@ -271,7 +263,7 @@ def test_producer_with_a_hook_is_called_unshifted() -> None:
     with torch.no_grad():
         real = [model.conv._conv_forward(b, model.conv.weight, model.conv.bias) for b in batches]
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, real))
-    mean, var = float64_stats(torch.cat(real))
+    mean, var = float64_moments([torch.cat(real)])[:2]
     assert ((model.bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6
 
 
@@ -291,7 +283,7 @@ def test_linear_on_sequences_is_not_shifted() -> None:
     finish_recalibration(prepared)
     with torch.no_grad():
         real = torch.cat([model[0](b) for b in batches])
-    mean, var = float64_stats(real)
+    mean, var = float64_moments([real])[:2]
     n = real.numel() // real.shape[1]
     assert ((model[1].running_mean.double() - mean).abs() / var.sqrt()).max() < 1e-6
     assert ((model[1].running_var.double() - var * n / (n - 1)).abs() / var).max() < 1e-6

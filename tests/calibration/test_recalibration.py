@@ -4,7 +4,6 @@ reset semantics, batch formats, the pitfalls of update_bn, and transactional fai
 from __future__ import annotations
 
 import copy
-import doctest
 import json
 import math
 import threading
@@ -19,13 +18,9 @@ import torchvision
 from devices import DEVICES
 from torch.optim.swa_utils import update_bn
 
-from fxnorm.calibration import batches as calib_data
 from fxnorm.calibration import graph_rewrite as calib_graph
-from fxnorm.calibration import report as calib_report
-from fxnorm.calibration import recalibration as calibrate
 from fxnorm.calibration import observers as observers
-from fxnorm.calibration import fast_path as plane_stats
-from fxnorm.calibration import selection as select
+from helpers import float64_moments, randomize_norms
 from fxnorm import (
     finish_recalibration,
     prepare_recalibration,
@@ -39,40 +34,13 @@ from fxnorm import (
 )
 from fxnorm.calibration.observers import NormObserver
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small inputs: one intra-op thread is faster, and on a loaded machine two threads spin-wait
-    on each other (observed: 100x slower forwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics, affine parameters and counters: nothing starts right by chance."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(getattr(m, "running_mean", None), torch.Tensor):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-                if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
-                    m.num_batches_tracked.fill_(17)
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
-    return model
-
-
-def pooled(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Float64 mean, unbiased variance and per-channel count of every element of ``inputs`` (N, C, ...)."""
-    flat = torch.cat([x.double().transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], dim=1)
-    return flat.mean(1), flat.var(1), flat.shape[1]
 
 
 def assert_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, tol: float = 1e-6) -> None:
@@ -139,7 +107,7 @@ SIZES = (8, 8, 8, 3)  # the last batch is short
 
 def test_two_norms_against_hand_computed_float64_reference():
     torch.manual_seed(0)
-    model = randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.BatchNorm2d(5))).eval()
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.BatchNorm2d(5))).eval()
     batches = drifting(SIZES, (3, 6, 6))
     conv, bn1, bn2 = model[0], model[1], model[3]
     with torch.no_grad():
@@ -147,7 +115,7 @@ def test_two_norms_against_hand_computed_float64_reference():
         second = [batch_norm_train(y, bn1).relu() for y in first]  # bn1 normalizes with each batch's statistics
     model = recalibrate(model, batches)
     for bn, inputs in ((bn1, first), (bn2, second)):
-        mean, var, count = pooled(inputs)
+        mean, var, count = float64_moments(inputs, unbiased=True)
         assert_stats(bn, mean, var)
         assert bn.num_batches_tracked.item() == len(batches)
     assert count == sum(SIZES) * 16
@@ -165,11 +133,11 @@ def test_unbiased_running_var_by_hand():
 def test_update_bn_is_off_on_an_unshuffled_loader_and_we_are_exact():
     """update_bn averages per-batch variances with equal weight: it loses the spread of the batch
     means and overweights the short last batch (pitfall 2)."""
-    model = randomize(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))).eval()
+    model = randomize_norms(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))).eval()
     batches = drifting(SIZES, (6,))
     with torch.no_grad():
         inputs = [model[0](x) for x in batches]
-    mean, var, _ = pooled(inputs)
+    mean, var, _ = float64_moments(inputs, unbiased=True)
     theirs = copy.deepcopy(model)
     update_bn(batches, theirs)
     their_err = ((theirs[1].running_var.double() - var).abs() / var).max().item()
@@ -183,10 +151,10 @@ def test_dropout_and_stochastic_depth_are_off(where):
     """update_bn calls model.train(): dropout and stochastic depth run while it gathers (pitfall 1)."""
     torch.manual_seed(0)
     drop = nn.Dropout(0.5) if where == "dropout" else torchvision.ops.StochasticDepth(0.5, "row")
-    model = randomize(nn.Sequential(nn.Linear(6, 4), drop, nn.BatchNorm1d(4))).train()
+    model = randomize_norms(nn.Sequential(nn.Linear(6, 4), drop, nn.BatchNorm1d(4))).train()
     batches = drifting(SIZES, (6,))
     with torch.no_grad():
-        mean, var, _ = pooled([model[0](x) for x in batches])
+        mean, var, _ = float64_moments([model[0](x) for x in batches], unbiased=True)
     theirs = copy.deepcopy(model)
     update_bn(batches, theirs)
     assert ((theirs[2].running_var.double() - var).abs() / var).max().item() > 0.1
@@ -216,7 +184,7 @@ def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
         model, shape = nn.Sequential(nn.Conv3d(3, 6, 3), nn.BatchNorm3d(6)), (3, 4, 5, 5)
     else:
         model, shape = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6)), (3, 7, 7)
-    model = randomize(model).eval()
+    model = randomize_norms(model).eval()
     batches = drifting(SIZES, shape)
     if case == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -230,7 +198,7 @@ def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
             prepared(b)
     finish_recalibration(prepared)
     for name, inputs in seen.items():
-        mean, var, _ = pooled(inputs)
+        mean, var, _ = float64_moments(inputs, unbiased=True)
         assert_stats(model.get_submodule(name), mean, var, tol=1e-12 if case == "float64" else 1e-6)
         assert model.get_submodule(name).running_var.dtype == batches[0].dtype
 
@@ -244,7 +212,7 @@ def test_more_batches_than_the_scratch_table_holds(layout):
     batches = [b.contiguous(memory_format=fmt) for b in drifting(sizes, (3, 4, 4), step=0.2)]
     bn = nn.BatchNorm2d(3)
     recalibrate(bn, batches)
-    assert_stats(bn, *pooled(batches)[:2])
+    assert_stats(bn, *float64_moments(batches, unbiased=True)[:2])
     assert bn.num_batches_tracked.item() == count
     bad = [b.clone() for b in batches]
     bad[count - 4][0, 1, 0, 0] = float("nan")
@@ -260,13 +228,13 @@ def test_large_offset_has_no_cancellation():
     bn = nn.BatchNorm2d(3)
     batches = [torch.randn(4, 3, 8, 8) * 0.01 + 10.0 + i for i in range(4)]
     recalibrate(bn, batches)
-    mean, var, _ = pooled(batches)
+    mean, var, _ = float64_moments(batches, unbiased=True)
     assert_stats(bn, mean, var)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_model_keeps_its_dtype(dtype):
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
     model = model.to(dtype)
     batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
     prepared = prepare_recalibration(model)
@@ -277,14 +245,14 @@ def test_half_precision_model_keeps_its_dtype(dtype):
     finish_recalibration(prepared)
     for name, inputs in seen.items():
         bn = model.get_submodule(name)
-        mean, var, _ = pooled(inputs)  # the half inputs themselves, in float64
+        mean, var, _ = float64_moments(inputs, unbiased=True)  # the half inputs themselves, in float64
         assert bn.running_mean.dtype == bn.running_var.dtype == dtype
         torch.testing.assert_close(bn.running_mean, mean.to(dtype), rtol=0, atol=0)
         torch.testing.assert_close(bn.running_var, var.to(dtype), rtol=0, atol=0)
 
 
 def test_instance_norm_with_running_stats_normalizes_per_instance_and_pools_per_channel():
-    model = randomize(nn.Sequential(
+    model = randomize_norms(nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.BatchNorm2d(4))).eval()
     batches = drifting(SIZES, (3, 6, 6))
     inorm, bn = model[1], model[2]
@@ -294,15 +262,15 @@ def test_instance_norm_with_running_stats_normalizes_per_instance_and_pools_per_
                   for y in first]
     recalibrate(model, batches)
     for norm, inputs in ((inorm, first), (bn, second)):
-        mean, var, _ = pooled(inputs)
+        mean, var, _ = float64_moments(inputs, unbiased=True)
         assert_stats(norm, mean, var)
 
 
 def test_sync_batch_norm_on_one_process():
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))).eval()
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))).eval()
     batches = drifting(SIZES, (3, 6, 6))
     with torch.no_grad():
-        mean, var, _ = pooled([model[0](x) for x in batches])
+        mean, var, _ = float64_moments([model[0](x) for x in batches], unbiased=True)
     recalibrate(model, batches)
     assert_stats(model[1], mean, var)
 
@@ -332,7 +300,7 @@ class Branchy(nn.Module):
 
 
 def test_untraced_glue_traced_through_subclass_and_unreached_norm():
-    model = randomize(Branchy()).eval()
+    model = randomize_norms(Branchy()).eval()
     batches = drifting(SIZES, (3, 6, 6))
     with torch.no_grad():
         first = [F.conv2d(x.double(), model.conv.weight.double(), model.conv.bias.double()) for x in batches]
@@ -342,7 +310,7 @@ def test_untraced_glue_traced_through_subclass_and_unreached_norm():
     model = recalibrate(model, batches)
     report = report_of(model, CalibrationReport)
     for norm, inputs in ((model.bn, first), (model.block[1], second)):
-        mean, var, _ = pooled(inputs)
+        mean, var, _ = float64_moments(inputs, unbiased=True)
         assert_stats(norm, mean, var)
         assert norm.num_batches_tracked.item() == len(batches)
     assert report.unreached == ["never"]
@@ -359,7 +327,7 @@ class Untraceable(nn.BatchNorm2d):
 
 
 def test_unobservable_subclass_is_reported_and_left_alone():
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Untraceable(4))).eval()
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Untraceable(4))).eval()
     before = copy.deepcopy(model[2].state_dict())
     model = recalibrate(model, drifting(SIZES, (3, 6, 6)))
     report = report_of(model, CalibrationReport)
@@ -379,7 +347,7 @@ class Twice(nn.Module):
 
 
 def test_norm_called_twice_pools_both_calls():
-    model = randomize(Twice()).eval()
+    model = randomize_norms(Twice()).eval()
     batches = drifting(SIZES, (3, 5, 5))
     bn = model.bn
     with torch.no_grad():
@@ -387,7 +355,7 @@ def test_norm_called_twice_pools_both_calls():
                   for x in batches]
     model = recalibrate(model, batches)
     report = report_of(model, CalibrationReport)
-    mean, var, count = pooled([x.double() for x in batches] + second)
+    mean, var, count = float64_moments([x.double() for x in batches] + second, unbiased=True)
     assert_stats(bn, mean, var)
     assert bn.num_batches_tracked.item() == 2 * len(batches)
     assert report.layers[0].count == count and report.layers[0].batches == 2 * len(batches)
@@ -395,7 +363,7 @@ def test_norm_called_twice_pools_both_calls():
 
 def test_one_value_per_channel_is_skipped_counted_and_reported():
     """Training-mode BN raises on a batch of one (N, C) sample (pitfall 5): skip it for that layer."""
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 4),
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 4),
                                     nn.BatchNorm1d(4))).eval()
     batches = drifting((6, 5, 1), (3, 4, 4))
     with torch.no_grad():
@@ -404,14 +372,14 @@ def test_one_value_per_channel_is_skipped_counted_and_reported():
               for y in conv]
     model = recalibrate(model, batches)
     report = report_of(model, CalibrationReport)
-    assert_stats(model[1], *pooled(conv)[:2])  # 2x2 values per channel: the batch of one counts
-    assert_stats(model[4], *pooled(fc[:2])[:2])  # one value per channel: skipped
+    assert_stats(model[1], *float64_moments(conv, unbiased=True)[:2])  # 2x2 values per channel: the batch of one counts
+    assert_stats(model[4], *float64_moments(fc[:2], unbiased=True)[:2])  # one value per channel: skipped
     assert report.skipped_batches == {"4": 1}
     assert model[4].num_batches_tracked.item() == 2 and model[1].num_batches_tracked.item() == 3
 
 
 def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4))).train()
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4))).train()
     batches = drifting(SIZES, (3, 6, 6))
     first = copy.deepcopy(model[1].state_dict())
     with torch.no_grad():  # the unselected first norm normalizes with its own running statistics
@@ -420,7 +388,7 @@ def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
     model = recalibrate(model, batches, select="3")
     report = report_of(model, CalibrationReport)
     assert all(torch.equal(v, first[k]) for k, v in model[1].state_dict().items())
-    assert_stats(model[3], *pooled(second)[:2])
+    assert_stats(model[3], *float64_moments(second, unbiased=True)[:2])
     assert [s.name for s in report.layers] == ["3"] and model.training
 
 
@@ -428,13 +396,13 @@ def test_num_batches_limits_the_data():
     bn = nn.BatchNorm1d(3)
     batches = drifting((4, 4, 4, 4), (3,))
     recalibrate(bn, iter(batches), num_batches=2)
-    assert_stats(bn, *pooled(batches[:2])[:2])
+    assert_stats(bn, *float64_moments(batches[:2], unbiased=True)[:2])
     assert bn.num_batches_tracked.item() == 2
 
 
 @pytest.mark.parametrize("fmt", ["tensor", "tuple", "list", "dict", "forward", "single_tensor"])
 def test_batch_formats(fmt):
-    model = randomize(Net1d()).eval()
+    model = randomize_norms(Net1d()).eval()
     batches = drifting(SIZES, (5,))
     labels = torch.zeros(8)
     forward = None
@@ -453,7 +421,7 @@ def test_batch_formats(fmt):
     else:
         data = batches
     with torch.no_grad():
-        mean, var, _ = pooled([model.fc(x) for x in batches])
+        mean, var, _ = float64_moments([model.fc(x) for x in batches], unbiased=True)
     model = recalibrate(model, data, forward=forward)
     report = report_of(model, CalibrationReport)
     assert_stats(model.bn, mean, var)
@@ -479,7 +447,7 @@ def test_runs_under_inference_mode_without_autograd_state():
 
 
 def test_prepare_changes_nothing_until_convert():
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.BatchNorm2d(4)))
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.BatchNorm2d(4)))
     model.train()
     snap = snapshot(model)
     prepared = prepare_recalibration(model)
@@ -500,11 +468,11 @@ def test_prepare_changes_nothing_until_convert():
 
 
 def test_user_graph_module_is_not_rewritten():
-    gm = fx.symbolic_trace(randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
+    gm = fx.symbolic_trace(randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
     code = gm.code
     batches = drifting(SIZES, (3, 6, 6))
     with torch.no_grad():
-        mean, var, _ = pooled([gm.get_submodule("0")(x) for x in batches])
+        mean, var, _ = float64_moments([gm.get_submodule("0")(x) for x in batches], unbiased=True)
     assert recalibrate(gm, batches) is gm
     assert gm.code == code
     assert_stats(gm.get_submodule("1"), mean, var)
@@ -548,7 +516,7 @@ def test_reset_matches_reset_running_stats_and_select_forms():
         (lambda name, m: name.endswith("0"), ["4.0"]),
     ]
     for sel, expected in cases:
-        randomize(model)
+        randomize_norms(model)
         ref = copy.deepcopy(model)
         for name in expected:
             ref.get_submodule(name).reset_running_stats()
@@ -562,7 +530,7 @@ def test_reset_matches_reset_running_stats_and_select_forms():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_reset_keeps_dtype_under_inference_mode(dtype):
-    model = randomize(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))).to(dtype)
+    model = randomize_norms(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))).to(dtype)
     with torch.inference_mode():
         reset(model)
     bn = model[1]
@@ -572,8 +540,8 @@ def test_reset_keeps_dtype_under_inference_mode(dtype):
 
 def test_reset_leaves_frozen_and_lazy_norms_alone():
     frozen = torchvision.ops.FrozenBatchNorm2d(3)
-    randomize(frozen)
-    model = randomize(nn.Sequential(nn.BatchNorm2d(3), frozen)).append(nn.LazyBatchNorm2d())
+    randomize_norms(frozen)
+    model = randomize_norms(nn.Sequential(nn.BatchNorm2d(3), frozen)).append(nn.LazyBatchNorm2d())
     before = frozen.running_mean.clone()
     names = report_of(reset(model), ResetReport).names
     assert names == ["0"] and torch.equal(frozen.running_mean, before)
@@ -582,7 +550,7 @@ def test_reset_leaves_frozen_and_lazy_norms_alone():
 @pytest.mark.parametrize("fn", ["reset", "recalibrate"])
 @pytest.mark.parametrize("bad", ["no_norms", "layer_norm_only", "select_matches_nothing", "select_malformed"])
 def test_bad_model_or_select_changes_nothing(fn, bad):
-    model = randomize(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    model = randomize_norms(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
     sel = None
     if bad == "no_norms":
         model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
@@ -629,7 +597,7 @@ class Flaky(nn.Module):
 
 
 def failing_model() -> nn.Module:
-    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2), Flaky(0),
+    return randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2), Flaky(0),
                                    nn.BatchNorm2d(4))).train()
 
 
@@ -805,14 +773,14 @@ def ranks_calibrating(models: list[nn.Module], shards: list[list[torch.Tensor]])
 
 def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
     """Two ranks (threads) with unequal shards; sums and counts are all-reduced (pitfall 6)."""
-    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))).eval()
+    base = randomize_norms(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4))).eval()
     batches = drifting((8, 8, 8, 3, 5), (5,))
     models = [copy.deepcopy(base) for _ in range(2)]
     results = run_ranks(monkeypatch, ranks_calibrating(models, [batches[:2], batches[2:]]))
     assert results[0] is models[0] and results[1] is models[1]
     single = recalibrate(copy.deepcopy(base), batches)
     with torch.no_grad():
-        mean, var, _ = pooled([base[0](x) for x in batches])
+        mean, var, _ = float64_moments([base[0](x) for x in batches], unbiased=True)
     for m in models:
         assert_stats(m[1], mean, var)
         assert m[1].num_batches_tracked.item() == len(batches)
@@ -821,7 +789,7 @@ def test_all_reduce_over_simulated_ranks_equals_one_process(monkeypatch):
 
 
 def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
-    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
+    base = randomize_norms(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
     batches = drifting((8, 8, 8), (5,))
     bad = batches[2].clone()
     bad[0, 0] = float("nan")
@@ -852,7 +820,7 @@ def test_convert_can_wait_for_batches_but_not_be_retried_after_merging():
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_all_reduce_through_a_real_gloo_group_of_one(tmp_path):
-    base = randomize(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
+    base = randomize_norms(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
     batches = drifting(SIZES, (5,))
     expected = recalibrate(copy.deepcopy(base), batches)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -870,7 +838,7 @@ def test_all_reduce_through_a_real_gloo_group_of_one(tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_batches_are_moved_to_the_model_device(device):
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)))
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)))
     model = model.eval().to(device)
     batches = drifting(SIZES, (3, 6, 6))  # on the CPU
     prepared = prepare_recalibration(model)
@@ -878,7 +846,7 @@ def test_batches_are_moved_to_the_model_device(device):
     with torch.inference_mode():
         for b in batches:
             prepared(b.to(device))
-    expected = {name: pooled(xs)[:2] for name, xs in seen.items()}
+    expected = {name: float64_moments(xs, unbiased=True)[:2] for name, xs in seen.items()}
     model = recalibrate(model, batches)
     for name, (mean, var) in expected.items():
         assert model.get_submodule(name).running_mean.device.type == device
@@ -889,20 +857,11 @@ def test_batches_are_moved_to_the_model_device(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_model_with_device_argument_and_half(dtype):
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval().cuda().to(dtype)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval().cuda().to(dtype)
     batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
     with torch.no_grad():
-        mean, var, _ = pooled([model[0](b.cuda()) for b in batches])
+        mean, var, _ = float64_moments([model[0](b.cuda()) for b in batches], unbiased=True)
     recalibrate(model, batches, device="cuda")
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     assert_stats(model[1], mean, var, tol=tol)
     assert model[1].running_var.dtype == dtype
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("module", [calibrate, calib_report, calib_data, calib_graph, observers, plane_stats, select])
-def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0

@@ -21,26 +21,16 @@ import torch.nn as nn
 import zoo
 from devices import DEVICES
 
+from helpers import float64_moments
 from fxnorm import finish_recalibration, prepare_recalibration, report_of, CalibrationReport
 from fxnorm.calibration.observers import NormObserver
 from fxnorm.calibration.selection import stat_norms
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small inputs: one intra-op thread is faster, and on a loaded machine two threads spin-wait
-    on each other (observed: 100x slower forwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "r3d_18", "fasterrcnn_mobilenet_v3_large_320_fpn"]
 
-
-def pooled(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = torch.cat([x.double().transpose(0, 1).reshape(x.shape[1], -1).cpu() for x in inputs], dim=1)
-    return flat.mean(1), flat.var(1)
 
 
 def errors(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[float, float]:
@@ -106,11 +96,11 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
     for layer in report.layers:
         norm = model.get_submodule(layer.name)
         assert norm.num_batches_tracked.item() == layer.batches == len(seen[layer.name])
-        worst_estimator = max(worst_estimator, *errors(norm, *pooled(seen[layer.name])))
+        worst_estimator = max(worst_estimator, *errors(norm, *float64_moments(seen[layer.name], unbiased=True)[:2]))
         # with a few values per channel in a batch, batch statistics magnify rounding differences
         # between the two forwards (1x1 feature maps of 2-3 samples): compare where they are well posed
         if min(x.numel() // x.shape[1] for x in reference[layer.name]) >= 8:
-            worst_semantics = max(worst_semantics, *errors(norm, *pooled(reference[layer.name])))
+            worst_semantics = max(worst_semantics, *errors(norm, *float64_moments(reference[layer.name], unbiased=True)[:2]))
             compared += 1
     assert worst_estimator <= 1e-6
     assert compared >= len(report.layers) // 2 and worst_semantics <= 1e-4

@@ -14,14 +14,13 @@ with ``norm_affine=True`` (batch norms, and the affine part of LayerNorms into t
 
 CI budget (measured: both fold test files take ~150 s of single-thread CPU): the three models of
 :data:`EXPENSIVE` (LayerNorm-only; 632M parameters, or inputs of 16x224x224 fixed by their builders)
-run their CPU forward check only with ``FXNORM_FULL_ZOO=1`` (marked ``slow``); in CI they are
+run their CPU forward check only under ``pytest -m slow`` (marked ``slow``); in CI they are
 folded on the meta device (no weights, no forward) and their fold counts checked. Their CUDA
 variants always run on a GPU.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -36,13 +35,12 @@ from fxnorm.graph.kinds import BN_KINDS, norm_kind
 
 FAMILIES = ("classification", "segmentation", "video", "detection")
 MODELS = [name for family in FAMILIES for name in zoo.FAMILIES[family]]
-FULL = bool(os.environ.get("FXNORM_FULL_ZOO"))
 TOL32, TOL64 = 1e-5, 1e-10
 
 #: Models whose full CPU check costs most and that have no batch norm (single-thread CPU seconds:
 #: vit_h_14 9.1 (632M parameters), mvit_v1_b 7.2 and mvit_v2_s 6.6 (16x224x224 input fixed by their
 #: builders)). In CI they get the structure check on the meta device below; the full check runs with
-#: FXNORM_FULL_ZOO=1. regnet_y_128gf (645M parameters, 6.2 GB peak RSS, 12.2 s) runs fully: its batch norms
+#: pytest -m slow. regnet_y_128gf (645M parameters, 6.2 GB peak RSS, 12.2 s) runs fully: its batch norms
 #: need real statistics, so a structure check would cost as much. Every other model < 6.1 s.
 EXPENSIVE = frozenset({"vit_h_14", "mvit_v1_b", "mvit_v2_s"})
 
@@ -163,8 +161,7 @@ def check_zoo_model(name: str, device: str, dtype: torch.dtype = torch.float32) 
     assert affine == EXPECTED_NORM_AFFINE.get(name, 0)
 
 
-CPU_MODELS = [n if n not in EXPENSIVE else pytest.param(n, marks=[pytest.mark.slow, pytest.mark.skipif(
-    not FULL, reason="CPU-expensive: run with FXNORM_FULL_ZOO=1 (checked on meta in CI)")]) for n in MODELS]
+CPU_MODELS = [n if n not in EXPENSIVE else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
 
 
 @pytest.mark.parametrize("name", CPU_MODELS)

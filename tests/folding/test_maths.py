@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxnorm.folding import maths as fold_math
+from helpers import rel_err
 from fxnorm import FoldError
 from fxnorm.folding.maths import (
     bn_scale_shift,
@@ -30,10 +29,6 @@ BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d
 FUNC = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 FUNCT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 MEMFMT = {2: torch.channels_last, 3: torch.channels_last_3d}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def make_bn(dim: int, channels: int, dtype: torch.dtype, gen: torch.Generator, affine: bool = True) -> nn.Module:
@@ -319,8 +314,3 @@ def test_property_conv_then_bn(
         dim, transposed, cin_g * groups, cout_g * groups, groups, stride=stride, bias=bias, dtype=dtype,
         channels_last=channels_last and dim >= 2, seed=seed,
     )
-
-
-def test_docstring_examples() -> None:
-    result = doctest.testmod(fold_math, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0

@@ -13,6 +13,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from devices import DEVICES
+from helpers import randomize_norms
 from fxnorm import FxNormError, TraceError, TraceReport, trace, report_of
 from fxnorm.graph.tracing import NormTracer, graph_parts, is_traced
 
@@ -75,25 +76,13 @@ class NestedUntraceable(nn.Module):
         return x
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            if m.weight is not None:
-                with torch.no_grad():
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
 
 def _ids(module: nn.Module) -> dict[str, int]:
     return {name: id(m) for name, m in module.named_modules()}
 
 
 def test_whole_model_is_one_graph_with_scopes() -> None:
-    model = _randomize(Block()).eval()
+    model = randomize_norms(Block()).eval()
     gm = trace(model)
     assert isinstance(gm, fx.GraphModule)
     report = report_of(gm, TraceReport)
@@ -138,7 +127,7 @@ def test_scope_of_nested_module_is_qualified() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_data_dependent_model_traces_part_by_part(device: str) -> None:
-    model = _randomize(DataDependent()).eval().to(device)
+    model = randomize_norms(DataDependent()).eval().to(device)
     before = _ids(model)
     traced = trace(model)
     assert type(traced) is DataDependent  # the glue stays eager, same class
@@ -162,7 +151,7 @@ def test_data_dependent_model_traces_part_by_part(device: str) -> None:
 
 
 def test_nested_untraceable_and_containers() -> None:
-    model = _randomize(NestedUntraceable()).eval()
+    model = randomize_norms(NestedUntraceable()).eval()
     traced = trace(model)
     report = report_of(traced, TraceReport)
     untraced = {u.name: u.type for u in report.untraced}
@@ -250,7 +239,7 @@ def test_concrete_args_are_honoured() -> None:
             y = self.conv(x)
             return self.bn(y) if use_bn else y
 
-    model = _randomize(Flag()).eval()
+    model = randomize_norms(Flag()).eval()
     without = trace(model)
     assert not report_of(without, TraceReport).complete  # `if use_bn` on a proxy fails
     gm = trace(model, concrete_args={"use_bn": False})
@@ -295,7 +284,7 @@ def test_detection_model_parts_and_outputs(device: str) -> None:
         weights=None, weights_backbone=None, box_score_thresh=0.0,
         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20, box_detections_per_img=10, min_size=128, max_size=160,
     )
-    model = _randomize(model).eval().to(device)
+    model = randomize_norms(model).eval().to(device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     traced = trace(model)
     report = report_of(traced, TraceReport)

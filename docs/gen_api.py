@@ -55,6 +55,10 @@ GROUPS = {
     "fxnorm.folding.apply": "Folding",
     "fxnorm.folding.report": "Folding",
     "fxnorm.folding.norm_affine": "Folding",
+    "fxnorm.folding.modules": "Folding",
+    "fxnorm.reports": "Reports",
+    "fxnorm.export": "Export",
+    "fxnorm.inspection.programs": "Export",
 }
 
 

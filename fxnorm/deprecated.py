@@ -16,18 +16,21 @@ Example:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import torch.fx as fx
 import torch.nn as nn
 
 from .calibration.recalibration import finish_recalibration, prepare_recalibration
 from .calibration.report import CalibrationReport
 from .calibration.selection import Select
+from .folding.planner import plan_folds
 from .folding.report import FoldReport
 from .graph.tracing import TraceReport, traced_report
 from .reports import report_of
 
-__all__ = ["fold_report", "trace_report", "prepare", "convert"]
+__all__ = ["fold_report", "trace_report", "prepare", "convert", "FoldPlan", "plan_norm"]
 
 
 def _warn(old: str, new: str) -> None:
@@ -59,3 +62,26 @@ def convert(prepared: nn.Module, *, report: bool = False, all_reduce: bool | Non
     _warn("convert", "fxnorm.finish_recalibration")
     model = finish_recalibration(prepared, all_reduce=all_reduce)
     return (model, report_of(model, CalibrationReport)) if report else model
+
+
+@dataclass
+class FoldPlan:
+    """Deprecated (fxnorm 0.1's ``fxnorm.plan.FoldPlan``): where one norm folds (``mode``, ``target``
+    node) or why not (``reason``)."""
+
+    mode: str | None
+    target: fx.Node | None = None
+    reason: str | None = None
+
+
+def plan_norm(gm: fx.GraphModule, node: fx.Node, sites: Any = None) -> FoldPlan:
+    """Deprecated: :func:`fxnorm.find_norms` (or ``fxnorm.folding.planner.plan_folds``), which decide
+    for the whole model at once; this asks the planner about one node of ``gm``."""
+    _warn("plan.plan_norm", "fxnorm.find_norms")
+    for d in plan_folds(gm, gm).decisions:
+        if d.call.node.name == node.name:
+            target = None
+            if d.site is not None:
+                target = next((n for n in gm.graph.nodes if n.name == d.site[1]), None)
+            return FoldPlan(d.mode, target, d.reason)
+    return FoldPlan(None, reason="not a normalization layer")

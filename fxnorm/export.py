@@ -155,7 +155,7 @@ def export_folded(
         >>> program = export_folded(model, (torch.randn(1, 3, 8, 8),))
         >>> rep = fxnorm.report_of(program, FoldReport)
         >>> batch_norm_nodes(program), [(s.name, s.reason) for s in rep.skipped]  # doctest: +ELLIPSIS
-        (['batch_norm'], [('3', 'producer ... (ReLU) is not a conv/linear; consumer the graph output is not a conv')])
+        (['batch_norm'], [('3', 'producer ... (ReLU) is not a conv/linear; consumer the graph output is not a conv or linear')])
     """
     args = _args(example_inputs)
     intact = not fold_options.get("inplace", False)  # an in-place fold leaves ``model`` inconsistent

@@ -28,10 +28,24 @@ def test_every_old_module_path_imports_its_names_with_a_warning(old: str):
 
 def test_from_import_of_an_old_path_works_and_warns():
     with pytest.warns(DeprecationWarning, match=r"fxnorm\.plan is deprecated; import it from fxnorm\.folding\.plan"):
-        from fxnorm.plan import plan_norm
-    from fxnorm.folding.plan import plan_norm as current
+        from fxnorm.plan import producer_plan
+    from fxnorm.folding.plan import producer_plan as current
 
-    assert plan_norm is current
+    assert producer_plan is current
+
+
+def test_the_old_single_node_planner_still_answers():
+    import torch.nn as nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    gm = fxnorm.trace(model)
+    with pytest.warns(DeprecationWarning, match="plan_norm"):
+        from fxnorm.plan import plan_norm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    with pytest.warns(DeprecationWarning, match="fxnorm.find_norms"):
+        first, second = plan_norm(gm, nodes["_1"]), plan_norm(gm, nodes["_3"])
+    assert (first.mode, first.target.name, second.mode) == ("into_producer", "_0", None)
+    assert "not a conv" in second.reason
 
 
 def test_importing_an_old_path_does_not_rebind_the_public_function():

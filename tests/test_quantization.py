@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from fxnorm import recalibrate, count_batch_norm_ops, export_for_quantization, norms_with_affine, fold
+from fxnorm import recalibrate, count_batch_norm_ops, export_for_quantization, norms_with_affine, fold, trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -119,17 +119,18 @@ def test_pt2e_transformer_block_with_norm_affine_folded(example) -> None:
     assert result["sqnr_db"] >= 20 and result["min_cosine"] >= 0.99, result
 
 
-def test_prepare_fx_accepts_the_folded_graph_module(example) -> None:
+def test_prepare_fx_accepts_the_traced_folded_model(example) -> None:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     calibration = [example.images(8, 32, seed=i) for i in range(3)]
     held_out = example.images(8, 32, seed=1000)
     folded = fold(recalibrate(zoo.build("resnet18"), calibration))
-    assert isinstance(folded, torch.fx.GraphModule) and count_batch_norm_ops(folded) == 0
+    traced = trace(copy.deepcopy(folded))  # traced through the Identity modules left by the folded norms
+    assert count_batch_norm_ops(traced) == 0 and not any(isinstance(m, torch.nn.Identity) for m in traced.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(folded), get_default_qconfig_mapping("x86"), (calibration[0],))
+        prepared = prepare_fx(traced, get_default_qconfig_mapping("x86"), (calibration[0],))
         with torch.no_grad():
             for batch in calibration:
                 prepared(batch)
@@ -137,6 +138,7 @@ def test_prepare_fx_accepts_the_folded_graph_module(example) -> None:
     convs = [m for m in quantized.modules() if ".quantized" in type(m).__module__  # ConvReLU2d too
              and "Conv" in type(m).__name__]
     assert len(convs) == 20  # every conv of resnet18 (bn folded) became a quantized conv
+    assert sum("ConvReLU" in type(m).__name__ for m in convs) == 9  # stem + each block's conv1: fused with their ReLU
     with torch.no_grad():
         result = example.agreement(folded(held_out), quantized(held_out))
     assert result["sqnr_db"] >= MIN_SQNR_DB and result["min_cosine"] >= MIN_COSINE, result

@@ -124,7 +124,7 @@ def bn_scale_shift(
         raise FoldError(f"eps must be >= 0, got {eps}")
     dtype = _compute_dtype(running_mean, running_var, weight, bias)
     var = _as(running_var, running_var, dtype) + eps
-    if bool((var <= 0).any()):
+    if not var.is_meta and bool((var <= 0).any()):  # meta tensors hold no values to check
         raise FoldError("running_var + eps must be > 0 for every channel (got a zero or negative value)")
     scale = torch.rsqrt(var)
     if weight is not None:

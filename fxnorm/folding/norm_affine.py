@@ -10,7 +10,10 @@ GroupNorm normalizes over channel dim 1: its affine part folds into (non-transpo
 zero padding must not see the shift (so beta must be zero, or the conv pads with no zeros).
 
 This is used by :func:`fxnorm.fold` with ``norm_affine=True``; the folded norms are reported with
-mode ``"norm_affine_into_consumer"``.
+mode ``"norm_affine_into_consumer"``. The norm modules stay the same objects (their affine parameters
+become None); a functional norm is edited in its module's own forward
+(:mod:`fxnorm.folding.forwards`). Hooks, hidden references and other readers of the norm or of its
+consumers' weights refuse the fold, as for batch norms.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -20,8 +23,8 @@ Example:
     Parameter...
     >>> folded = fold(block, norm_affine=True)
     >>> x = torch.randn(2, 3, 8)
-    >>> torch.allclose(folded(x), block(x), atol=1e-5), folded.get_submodule("0").elementwise_affine
-    (True, False)
+    >>> torch.allclose(folded(x), block(x), atol=1e-5), folded[0].elementwise_affine, folded[0].weight
+    (True, False, None)
 """
 
 from __future__ import annotations
@@ -34,11 +37,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .maths import fold_affine_into_next_linear, fold_bn_into_next_conv
-from .report import FoldedNorm, FoldReport
+from ..graph.calls import bind_node, constant_value, describe, node_norm_kind, replace_argument, scope_name
 from ..graph.kinds import is_plain, layer_kind
-from ..graph.calls import bind_node, constant_value, describe, node_norm_kind, replace_argument, scope_name, value_users
-from ..graph.tracing import graph_parts, qualified_name
+from ..graph.readers import value_users, why_opaque
+from ..graph.calls import qualified_name
+from .analysis import analyze
+from .changes import Changes, new_parameters
+from .forwards import GraphProgram, trace_own_forward
+from .maths import fold_affine_into_next_linear, fold_bn_into_next_conv
+from .plan import Analysis, layer_problem
+from .report import FoldedNorm, FoldReport
 
 __all__ = ["fold_norm_affine", "plan_norm_affine", "AffinePlan"]
 
@@ -62,10 +70,11 @@ def _affine_params(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Modu
         if not is_plain(module):
             return f"{type(module).__name__} overrides forward()"
         gamma, beta = getattr(module, "weight", None), getattr(module, "bias", None)
+        features: int | None
         if kind in _CHANNEL:
-            features = module.num_channels
+            features = int(getattr(module, "num_channels"))
         else:
-            shape = tuple(module.normalized_shape)
+            shape = tuple(getattr(module, "normalized_shape"))
             if len(shape) != 1:
                 return f"normalized_shape {shape} spans several dims; only a last-dim affine folds into a Linear"
             features = shape[0]
@@ -91,7 +100,7 @@ def _affine_params(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Modu
     if gamma is None and beta is None:
         return "it has no affine parameters"
     ref = gamma if gamma is not None else beta
-    return gamma, beta, features if features is not None else int(ref.numel())
+    return gamma, beta, features if features is not None else int(ref.numel())  # type: ignore[union-attr]
 
 
 def _consumer_reason(gm: fx.GraphModule, node: fx.Node, user: fx.Node, channel: bool, beta: Any,
@@ -134,7 +143,7 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
 
     Example:
         >>> import torch.nn as nn, fxnorm
-        >>> from fxnorm.folding.plan import call_sites
+        >>> from fxnorm.graph.calls import call_sites
         >>> gm = fxnorm.trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
         >>> node = [n for n in gm.graph.nodes if n.target == "0"][0]
         >>> [c.target for c in plan_norm_affine(gm, node, call_sites(gm)).consumers]
@@ -160,32 +169,32 @@ def plan_norm_affine(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx
     return AffinePlan(gamma, beta, users)
 
 
-def _without_affine(module: nn.Module, kind: str) -> nn.Module:
-    if kind == "LayerNorm":
-        return nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=False)
-    if kind == "RMSNorm":
-        return nn.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=False)
-    return nn.GroupNorm(module.num_groups, module.num_channels, eps=module.eps, affine=False)
+def _without_affine(module: nn.Module, kind: str) -> list[tuple[nn.Module, str, Any]]:
+    """The :attr:`Changes.attrs` that turn the norm's affine flag off (its parameters become None)."""
+    return [(module, "affine" if kind == "GroupNorm" else "elementwise_affine", False)]
 
 
-def _new_weights(gm: fx.GraphModule, plan: AffinePlan) -> list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor]]:
-    """(layer, weight attr, bias attr, new weight, new bias) for every consumer; nothing assigned."""
+def _new_weights(gm: fx.GraphModule, plan: AffinePlan) -> list[tuple[nn.Module, str, nn.Parameter | None]]:
+    """The new parameters of every consumer; nothing assigned."""
     out = []
     for user in plan.consumers:
         layer = gm.get_submodule(str(user.target))
         if isinstance(layer, nn.MultiheadAttention):
-            w, b = fold_affine_into_next_linear(layer.in_proj_weight.detach(), _detached(layer.in_proj_bias),
-                                                plan.gamma, plan.beta)
-            out.append((layer, "in_proj_weight", "in_proj_bias", w, b))
+            w, b = fold_affine_into_next_linear(getattr(layer, "in_proj_weight").detach(),
+                                                _detached(getattr(layer, "in_proj_bias")), plan.gamma, plan.beta)
+            out += new_parameters(layer, w, b, ("in_proj_weight", "in_proj_bias"))
         elif layer_kind(layer) == "Linear":
-            w, b = fold_affine_into_next_linear(layer.weight.detach(), _detached(layer.bias), plan.gamma, plan.beta)
-            out.append((layer, "weight", "bias", w, b))
+            w, b = fold_affine_into_next_linear(getattr(layer, "weight").detach(), _detached(getattr(layer, "bias")),
+                                                plan.gamma, plan.beta)
+            out += new_parameters(layer, w, b)
         else:
-            c = layer.in_channels
-            gamma = plan.gamma if plan.gamma is not None else torch.ones(c, dtype=plan.beta.dtype)
-            beta = plan.beta if plan.beta is not None else torch.zeros(c, dtype=gamma.dtype, device=gamma.device)
-            w, b = fold_bn_into_next_conv(layer.weight.detach(), _detached(layer.bias), gamma, beta, groups=layer.groups)
-            out.append((layer, "weight", "bias", w, b))
+            c = int(getattr(layer, "in_channels"))
+            ref: Any = plan.gamma if plan.gamma is not None else plan.beta
+            gamma = plan.gamma if plan.gamma is not None else torch.ones(c, dtype=ref.dtype, device=ref.device)
+            beta = plan.beta if plan.beta is not None else torch.zeros(c, dtype=ref.dtype, device=ref.device)
+            w, b = fold_bn_into_next_conv(getattr(layer, "weight").detach(), _detached(getattr(layer, "bias")), gamma,
+                                          beta, groups=int(getattr(layer, "groups")))
+            out += new_parameters(layer, w, b)
     return out
 
 
@@ -193,65 +202,116 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _strip_functional(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Pass ``None`` as the weight and bias of a functional norm node (constants left unused go)."""
-    args = bind_node(node) or {}
-    for key in ("weight", "bias"):
-        if args.get(key) is None:
+def _functional_change(an: Analysis, prefix: str, gm: fx.GraphModule, node: fx.Node,
+                       programs: dict[int, tuple[nn.Module, fx.GraphModule]], changes: Changes) -> str | None:
+    """Pass None as the weight and bias of a functional norm in its module's own forward (recorded in
+    ``programs``; the rewrite itself is made later; the module's own parameters that nothing reads any
+    more go), or say why that forward cannot be rewritten."""
+    owner = an.module_at(prefix, str(node.meta.get("fxnorm_scope") or ""))
+    if owner is None or owner is an.model:
+        return "the model's own forward calls it: fxnorm does not rewrite the root's forward"
+    if id(owner) not in programs:
+        traced = trace_own_forward(owner)
+        if isinstance(traced, str):
+            return traced
+        programs[id(owner)] = (owner, traced)
+    own = programs[id(owner)][1]
+    target = (bind_node(node) or {}).get("weight")
+    key = id(constant_value(gm, target)) if target is not None else None
+    for candidate in own.graph.nodes:
+        args = bind_node(candidate) if candidate.op == "call_function" else None
+        if args is None or candidate.target is not node.target:
             continue
-        old = replace_argument(node, key, None)
-        if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
-            gm.graph.erase_node(old)
+        weight = args.get("weight")
+        if key is not None and weight is not None and id(constant_value(own, weight)) == key:
+            owner = programs[id(an.module_at(prefix, str(node.meta.get("fxnorm_scope") or "")))][0]
+            for name in ("weight", "bias"):
+                if args.get(name) is None:
+                    continue
+                old = replace_argument(candidate, name, None)
+                if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+                    own.graph.erase_node(old)
+                    if "." not in str(old.target):
+                        changes.deletions.append((owner, str(old.target)))
+            return None
+    return "its call was not found again when tracing its module's forward alone"
 
 
-def fold_norm_affine(traced: nn.Module, report: FoldReport) -> None:
-    """Fold the affine part of every LayerNorm/RMSNorm/GroupNorm of a traced model that folds; update
-    ``report`` (folded norms added, the reason of the others extended). All new weights are computed
-    before anything is assigned.
+def fold_norm_affine(model: nn.Module, traced: nn.Module, report: FoldReport, *, allow_hooks: bool = False) -> None:
+    """Fold the affine part of every LayerNorm/RMSNorm/GroupNorm of ``model`` (traced as ``traced``)
+    that folds; update ``report`` (folded norms added, the reason of the others extended). Every new
+    weight is computed before anything changes; the norm modules keep their identity (their affine
+    parameters become None), functional norms are edited in their module's own forward.
 
     Example:
         >>> import torch.nn as nn, fxnorm
-        >>> gm = fxnorm.trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+        >>> model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2))
         >>> report = FoldReport()
-        >>> fold_norm_affine(gm, report)
-        >>> [(f.name, f.into) for f in report.folded]
-        [('0', '1')]
+        >>> fold_norm_affine(model, fxnorm.trace(model), report)
+        >>> [(f.name, f.into) for f in report.folded], model[0].weight
+        ([('0', '1')], None)
     """
-    parts = list(graph_parts(traced))
+    an = analyze(model, traced, allow_hooks=allow_hooks)
     sites: dict[int, list[fx.Node]] = defaultdict(list)
-    for _, gm in parts:
+    for _, gm in an.parts:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 sites[id(gm.get_submodule(str(node.target)))].append(node)
-    todo, refused = [], {}
-    for prefix, gm in parts:
+    changes, refused = Changes(), {}
+    programs: dict[int, tuple[nn.Module, fx.GraphModule]] = {}
+    for prefix, gm in an.parts:
         for node in gm.graph.nodes:
             plan = plan_norm_affine(gm, node, sites)
             if plan is None:
                 continue
-            name = qualified_name(prefix, str(node.target) if node.op == "call_module" else scope_name(gm, node))
-            if plan.reason is not None:
-                refused[name] = plan.reason
-            else:
-                todo.append((prefix, gm, node, name, plan, _new_weights(gm, plan)))
-    with torch.no_grad():
-        for prefix, gm, node, name, plan, weights in todo:
-            for layer, wname, bname, w, b in weights:
-                old_w, old_b = getattr(layer, wname), getattr(layer, bname)
-                setattr(layer, wname, nn.Parameter(w, requires_grad=old_w.requires_grad))
-                grad = old_b.requires_grad if old_b is not None else old_w.requires_grad
-                setattr(layer, bname, nn.Parameter(b, requires_grad=grad))
             kind, module = node_norm_kind(gm, node)  # type: ignore[misc]
+            name = qualified_name(prefix, str(node.target) if node.op == "call_module" else scope_name(gm, node))
+            why = plan.reason or _readers_problem(an, gm, node, module, plan)
+            if why is None and module is None:
+                why = _functional_change(an, prefix, gm, node, programs, changes)
+            if why is not None:
+                refused[name] = why if why.startswith("affine part not folded") else f"affine part not folded: {why}"
+                continue
+            changes.params += _new_weights(gm, plan)
             if module is not None:
-                gm.add_submodule(str(node.target), _without_affine(module, kind))
-            else:
-                _strip_functional(gm, node)
-            into = ", ".join(qualified_name(prefix, str(u.target)) for u in plan.consumers)
-            report.folded.append(FoldedNorm(name, kind, "norm_affine_into_consumer", into))
-    for _, gm in {id(gm): (p, gm) for p, gm, *_ in todo}.values():
-        gm.recompile()
+                changes.params += [(module, "weight", None), (module, "bias", None)] if hasattr(module, "bias") else [
+                    (module, "weight", None)]
+                changes.attrs += _without_affine(module, kind)
+            into = ", ".join(an.name_of(gm.get_submodule(str(u.target))) for u in plan.consumers)
+            report.folded.append(FoldedNorm(name, kind, "norm_affine_into_consumer", into,
+                                            "proven" if an.complete else "unverified"))
+    for owner, own in programs.values():
+        own.graph.lint()
+        changes.forwards.append((owner, an.name_of(owner), GraphProgram.from_graph(own.graph)))
+    changes.commit()
+    report.forwards += [name for _, name, _ in changes.forwards]
     done = {f.name for f in report.folded}
     report.skipped = [s for s in report.skipped if s.name not in done]
     for s in report.skipped:
         if s.name in refused:
             s.reason = f"{s.reason}; {refused[s.name]}"
+
+
+def _readers_problem(an: Analysis, gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
+                     plan: AffinePlan) -> str | None:
+    """Hooks, hidden references and other readers of the norm or its consumers (see
+    :mod:`fxnorm.graph.readers`)."""
+    if module is not None:
+        why = why_opaque(module, allow_hooks=an.allow_hooks)
+        if why is not None:
+            return why
+        if id(module) in an.hidden:
+            return f"it is also held outside the module tree ({', '.join(an.hidden[id(module)][:3])})"
+        for attr in ("weight", "bias"):
+            if an.reads.get((id(module), attr)):
+                return f"its {attr} is also read elsewhere"
+    for user in plan.consumers:
+        layer = gm.get_submodule(str(user.target))
+        why = layer_problem(an, layer, "consumer")
+        if why is None and isinstance(layer, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "in_proj_bias"):
+                if an.reads.get((id(layer), attr)):
+                    why = f"the {attr} of consumer {an.name_of(layer)} is also read elsewhere"
+        if why is not None:
+            return why
+    return None

@@ -1,209 +1,277 @@
-"""Where each norm of a graph can fold, or why it cannot: the single source of truth shared by
-:func:`fxnorm.find_norms` (which reports it) and :func:`fxnorm.fold` (which acts on it).
+"""Where one batch-norm call site can fold, or why it cannot: the rules the planner applies.
 
 A batch norm with constant statistics is a per-channel affine map ``y = scale * x + shift``. It folds
-*into its producer* (a conv/linear whose output feeds only this norm and which is called at this one
-site) or *into its consumer* (a conv that reads only this norm's output and pads with something other
-than zeros, or a 2-D Linear). Anything else would change the output, so it is refused with a reason.
+*into its producer* (a conv/linear whose output only this norm reads) or *into its consumer* (a conv
+or linear that alone reads the norm's output, where the shift cannot leak into zero padding), when
+every reader of every value and weight involved is known: no other user of the value, no write into
+the norm's input while the consumer still needs it (after a fold the norm's output *is* its input),
+no other read of the layer's weight or of the norm's statistics, no module held outside the module
+tree, no hook that would see different values, no parametrized weight, and the norm's channels are
+the layer's channels at every rank the tensor between them can have. Anything else is refused with a
+reason. :mod:`fxnorm.folding.planner` applies these rules to a whole model.
 
 Example:
     >>> import torch.nn as nn, fxnorm
-    >>> gm = fxnorm.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
-    >>> [plan_norm(gm, n).mode for n in gm.graph.nodes if n.op == "call_module" and n.target == "1"]
-    ['into_producer']
+    >>> sites = fxnorm.find_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+    >>> sites[0].fold, sites[0].fold_into
+    ('into_producer', '0')
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parameter import is_lazy
 
-from ..graph.calls import bind_node, call_sites, constant_value, describe, node_norm_kind, value_users
-from ..graph.kinds import BN_KINDS, has_running_stats, is_plain, layer_kind
+from ..graph.calls import bind_node, describe
+from ..graph.kinds import is_plain, known_base, layer_kind
+from ..graph.readers import mutators, value_users, why_opaque
+from ..graph.shapes import rank_of
+from .constants import BNConstants, channel_dims
 
-__all__ = ["BNConstants", "FoldPlan", "bn_constants", "plan_norm"]
-
-_SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Dropout, nn.Identity, nn.BatchNorm1d)
-
-
-@dataclass
-class BNConstants:
-    """The constant statistics and affine parameters of an eval-mode batch norm site."""
-
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    eps: float
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
+__all__ = [
+    "Analysis", "NormCall", "Proposal", "producer_plan", "consumer_plan", "norm_problem", "layer_problem",
+    "crossing_hooks",
+]
 
 
-@dataclass
-class FoldPlan:
-    """Where a norm folds (``mode`` and ``target`` node) or, when ``mode`` is None, why not."""
+@dataclass(eq=False)
+class Analysis:
+    """Facts about the whole model that every rule reads (built once per plan)."""
 
-    mode: str | None  #: "into_producer" | "into_consumer" | None
-    target: fx.Node | None = None
-    reason: str | None = None
+    model: nn.Module
+    parts: list[tuple[str, fx.GraphModule]]
+    roots: dict[str, nn.Module]  #: part prefix -> the model's own module at that path
+    names: dict[int, list[str]]  #: id(module) -> every qualified name it is registered under
+    hidden: dict[int, list[str]]  #: id(module) -> where it is held outside the module tree
+    #: (id(owner), attr) -> its readers: get_attr nodes, or text for what the tracer computed eagerly
+    reads: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
+    allow_hooks: bool = False
+    global_hooks: list[str] = field(default_factory=list)
+    complete: bool = True  #: the whole model is one graph
 
+    def name_of(self, module: nn.Module) -> str:
+        names = self.names.get(id(module))
+        return names[0] if names else f"<{type(module).__name__}>"
 
-def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
-    """The constants of a batch-norm-like site, or the reason it does not have constant statistics."""
-    found = node_norm_kind(gm, node)
-    if found is None:
-        return "not a normalization layer"
-    kind, module = found
-    if module is not None:
-        if not is_plain(module):
-            return f"{type(module).__name__} overrides forward(): fxnorm cannot tell what it computes"
-        if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
-            return "uninitialized lazy module: run one forward before folding"
-        if kind not in BN_KINDS and not kind.startswith("InstanceNorm"):
-            return f"{kind} normalizes each input with its own statistics; only its affine part can fold"
-        if kind == "FrozenBatchNorm2d":
-            return BNConstants(module.running_mean, module.running_var, module.eps, module.weight, module.bias)
-        if not has_running_stats(module):
-            return "track_running_stats=False: it always normalizes with batch statistics"
-        if module.training:
-            return "in training mode: call model.eval() before folding"
-        return BNConstants(module.running_mean, module.running_var, module.eps, module.weight, module.bias)
-    if kind != "batch_norm":
-        return f"functional {kind} normalizes each input with its own statistics"
-    args = bind_node(node)
-    if args is None:
-        return f"a {getattr(node.target, '__name__', node.target)} call whose arguments fxnorm cannot read"
-    if not isinstance(args["training"], bool) or args["training"]:
-        return "functional batch_norm traced in training mode: trace the model in eval mode"
-    try:
-        mean, var = constant_value(gm, args["running_mean"]), constant_value(gm, args["running_var"])
-        weight, bias = constant_value(gm, args["weight"]), constant_value(gm, args["bias"])
-        eps = constant_value(gm, args["eps"])
-    except LookupError as err:
-        return f"functional batch_norm whose argument {err} is computed in the graph, not constant"
-    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
-        return "functional batch_norm without running statistics"
-    return BNConstants(mean, var, float(eps), weight, bias)
+    def module_at(self, prefix: str, path: str) -> nn.Module | None:
+        """The model's own module at ``path`` inside the part at ``prefix`` (None if there is none)."""
+        try:
+            return self.roots[prefix].get_submodule(path) if path else self.roots[prefix]
+        except (AttributeError, KeyError):
+            return None
 
 
-def _rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
-    """The tensor rank of a node's output when it is known statically (or recorded by ShapeProp)."""
-    if not isinstance(node, fx.Node) or depth > 20:
-        return None
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return len(meta.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dim()
-    if node.op == "call_function" and node.target is torch.flatten:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start + 1 if end == -1 and isinstance(start, int) and start >= 0 else None
-    if node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) > 1:
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return len(sizes)
-    if node.op == "call_method" and node.target == "flatten":
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start + 1 if isinstance(start, int) and start >= 0 and len(node.args) <= 2 else None
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, nn.Flatten) and module.end_dim == -1 and module.start_dim >= 0:
-            return module.start_dim + 1
-        if isinstance(module, (nn.Linear, *_SHAPE_KEEPING)) and node.args:
-            return _rank(gm, node.args[0], depth + 1)
-    if node.op == "call_function" and node.target in (F.relu, torch.relu, F.dropout) and node.args:
-        return _rank(gm, node.args[0], depth + 1)
+@dataclass(eq=False)
+class NormCall:
+    """One call of a batch norm in a graph part."""
+
+    prefix: str
+    gm: fx.GraphModule
+    node: fx.Node
+    kind: str
+    name: str  #: qualified name: the norm module, or the module whose forward makes the functional call
+    identity: int  #: calls with the same identity are the same norm (module, or running statistics)
+    module: nn.Module | None = None  #: the norm module (None for a functional call)
+    owner: nn.Module | None = None  #: for a functional call: the module whose forward makes it
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.prefix, self.node.name
+
+    @property
+    def rank_kind(self) -> str:
+        """The kind whose input ranks apply: a functional call made by a ``BatchNorm2d``/``3d``
+        subclass that keeps its base's input-rank check has that base's ranks."""
+        found = known_base(self.owner) if self.module is None and self.owner is not None else None
+        if found is not None and found[1] in ("BatchNorm2d", "BatchNorm3d"):
+            check = getattr(type(self.owner), "_check_input_dim", None)
+            if check is getattr(found[0], "_check_input_dim", None) and "_check_input_dim" not in vars(self.owner):
+                return found[1]
+        return self.kind
+
+    def input(self) -> fx.Node | None:
+        if self.module is not None:
+            value = self.node.args[0] if self.node.args else None
+        else:
+            value = (bind_node(self.node) or {}).get("input")
+        return value if isinstance(value, fx.Node) else None
+
+
+Mode = Literal["into_producer", "into_consumer"]
+
+
+@dataclass(eq=False)
+class Proposal:
+    """A fold the rules allow: ``mode`` into ``layer`` (called at ``layer_node``)."""
+
+    mode: Mode
+    layer_node: fx.Node
+    layer: nn.Module
+    layer_name: str
+
+
+def layer_problem(an: Analysis, layer: nn.Module, role: str) -> str | None:
+    """Why ``layer`` (a conv/linear) cannot take a fold: opaque calls, hidden references, its weight
+    or bias read elsewhere."""
+    name = an.name_of(layer)
+    why = why_opaque(layer, allow_hooks=an.allow_hooks)
+    if why is not None:
+        return f"{role} {name}: {why}"
+    if id(layer) in an.hidden:
+        return f"{role} {name} is also held outside the module tree ({', '.join(an.hidden[id(layer)][:3])})"
+    for attr in ("weight", "bias"):
+        readers = an.reads.get((id(layer), attr))
+        if readers:
+            return f"the {attr} of {role} {name} is also read by {_readers(readers)}"
     return None
 
 
-def _channels(consts: BNConstants) -> int:
-    return int(consts.running_mean.numel())
+def _readers(readers: list[Any]) -> str:
+    return ", ".join(r.name if isinstance(r, fx.Node) else str(r) for r in readers[:3])
 
 
-def _producer_plan(gm: fx.GraphModule, node: fx.Node, consts: BNConstants, sites: dict) -> FoldPlan:
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node):
-        return FoldPlan(None, reason="its input is not a graph value")
-    if source.op != "call_module":
-        return FoldPlan(None, reason=f"producer {describe(gm, source)} is not a conv/linear")
-    layer = gm.get_submodule(str(source.target))
+def norm_problem(an: Analysis, call: NormCall) -> str | None:
+    """Why the norm at ``call`` cannot leave the model even when its neighbours allow it."""
+    if an.global_hooks and not an.allow_hooks:
+        return f"a {an.global_hooks[0]} is installed: it would see different values (pass allow_hooks=True)"
+    if call.module is not None:
+        why = why_opaque(call.module, allow_hooks=an.allow_hooks)
+        if why is not None:
+            return why
+        if id(call.module) in an.hidden:
+            return f"it is also held outside the module tree ({', '.join(an.hidden[id(call.module)][:3])})"
+        for attr in (*call.module._parameters, *call.module._buffers):
+            readers = an.reads.get((id(call.module), attr))
+            if readers:
+                return f"its {attr} is also read by {_readers(readers)}"
+        return None
+    for value in (bind_node(call.node) or {}).values():
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            path, _, attr = str(value.target).rpartition(".")
+            owner = an.module_at(call.prefix, path)
+            readers = an.reads.get((id(owner), attr), []) if owner is not None else []
+            others = [r for r in readers if not isinstance(r, fx.Node)] + [
+                u for r in readers if isinstance(r, fx.Node) for u in r.users
+                if u is not call.node and (u.op != "call_function" or u.target not in _BATCH_NORMS)]
+            if others:
+                return f"its constant {value.target} is also read by {_readers(others)}"
+    return None
+
+
+_BATCH_NORMS = (torch.batch_norm, F.batch_norm)
+
+
+def _callers(node: fx.Node) -> tuple[str, ...]:
+    """The modules whose code made ``node`` (for a leaf's call: its callers, not the leaf)."""
+    stack = tuple(node.meta.get("fxnorm_stack", ()))
+    return stack[:-1] if node.op == "call_module" and stack else stack
+
+
+def crossing_hooks(an: Analysis, prefix: str, first: fx.Node, second: fx.Node) -> str | None:
+    """A module with hooks whose input or output changes when the value between ``first`` and
+    ``second`` changes: modules left between them (their output changes) or entered (their input)."""
+    if an.allow_hooks:
+        return None
+    one, two = _callers(first), _callers(second)
+    for path in sorted(set(one) ^ set(two)):
+        module = an.module_at(prefix, path)
+        if module is not None and (module._forward_hooks or module._forward_pre_hooks
+                                   or getattr(module, "_forward_hooks_with_kwargs", None)):
+            return (f"{an.name_of(module)} has hooks that would see different values once the fold moves work "
+                    "across it (pass allow_hooks=True)")
+    return None
+
+
+def _ranks_agree(gm: fx.GraphModule, value: fx.Node, norm_kind: str, layer_kind_: str) -> str | None:
+    """None when the norm's channel dim is the layer's channel dim at every rank ``value`` can have."""
+    norm_dims, layer_dims = channel_dims(norm_kind), channel_dims(layer_kind_)
+    rank = rank_of(gm, value)
+    ranks = [rank] if rank is not None else sorted(set(norm_dims) & set(layer_dims))
+    if rank is not None and (rank not in norm_dims or rank not in layer_dims):
+        return f"the tensor between them has rank {rank}, which {norm_kind} or {layer_kind_} does not take"
+    bad = [r for r in ranks if norm_dims[r] != layer_dims[r]]
+    if not ranks or bad:
+        if rank is None:
+            return (f"the rank of {value.name} is not known and at rank {bad[0] if bad else '?'} the {norm_kind} "
+                    f"channels are not the {layer_kind_} channels (pass example_inputs to record shapes)")
+        return f"at rank {rank} the {norm_kind} channels (dim {norm_dims[rank]}) are not the {layer_kind_} channels"
+    return None
+
+
+def _plain_layer(gm: fx.GraphModule, node: fx.Node, role: str, transposed_ok: bool) -> tuple[nn.Module, str] | str:
+    what = "conv/linear" if transposed_ok else "conv or linear"
+    if node.op != "call_module":
+        return f"{role} {describe(gm, node)} is not a {what}"
+    layer = gm.get_submodule(str(node.target))
     kind = layer_kind(layer)
-    if kind is None:
-        return FoldPlan(None, reason=f"producer {describe(gm, source)} is not a conv/linear")
+    if kind is None or (not transposed_ok and kind.startswith("ConvTranspose")):
+        return f"{role} {describe(gm, node)} is not a {what}"
     if not is_plain(layer):
-        return FoldPlan(None, reason=f"producer {describe(gm, source)} overrides forward()")
-    calls = sites.get(id(layer), [])
-    if len(calls) > 1:
-        names = ", ".join(n.name for n in calls)
-        return FoldPlan(None, reason=f"producer {source.target} is called at {len(calls)} sites ({names})")
-    others = [u.name for u in value_users(source) if u is not node]
+        return f"{role} {describe(gm, node)} overrides forward()"
+    return layer, kind
+
+
+def producer_plan(an: Analysis, call: NormCall, consts: BNConstants) -> Proposal | str:
+    """Fold into the conv/linear whose output the norm reads, or why not."""
+    source = call.input()
+    if source is None:
+        return "its input is not a graph value"
+    found = _plain_layer(call.gm, source, "producer", transposed_ok=True)
+    if isinstance(found, str):
+        return found
+    layer, kind = found
+    others = [u.name for u in value_users(source) if u is not call.node]
     if others:
-        return FoldPlan(None, reason=f"{source.target} output also used by {', '.join(others)}")
+        return f"{source.target} output also used by {', '.join(others)}"
     out = layer.out_features if kind == "Linear" else layer.out_channels
-    if out != _channels(consts):
-        return FoldPlan(None, reason=f"producer {source.target} has {out} outputs, the norm {_channels(consts)}")
-    if kind == "Linear":
-        rank = _rank(gm, source)
-        if rank != 2:
-            why = "unknown" if rank is None else str(rank)
-            return FoldPlan(None, reason=f"Linear output rank is {why}, the norm's channels are the Linear's "
-                            "features only for 2-D input (pass example_inputs to record shapes)")
-    return FoldPlan("into_producer", source)
+    if out != consts.num_features:
+        return f"producer {source.target} has {out} outputs, the norm {consts.num_features}"
+    why = (_ranks_agree(call.gm, source, call.rank_kind, kind) or layer_problem(an, layer, "producer")
+           or crossing_hooks(an, call.prefix, source, call.node))
+    if why is not None:
+        return why
+    return Proposal("into_producer", source, layer, an.name_of(layer))
 
 
-def _consumer_plan(gm: fx.GraphModule, node: fx.Node, consts: BNConstants, sites: dict) -> FoldPlan:
-    users = value_users(node)  # shape queries move to the norm's input, which has the same shape
+def _pads_with_zeros(layer: nn.Module) -> bool:
+    padding = getattr(layer, "padding", 0)
+    pads = any(p != 0 for p in padding) if isinstance(padding, tuple) else padding not in ("valid", 0)
+    return bool(pads) and getattr(layer, "padding_mode", "zeros") == "zeros"
+
+
+def consumer_plan(an: Analysis, call: NormCall, consts: BNConstants) -> Proposal | str:
+    """Fold into the conv/linear that alone reads the norm's output, or why not."""
+    users = value_users(call.node)  # shape queries move to the norm's input, which has the same shape
     if len(users) != 1:
-        return FoldPlan(None, reason=f"its output has {len(users)} users")
+        return f"its output has {len(users)} users"
     user = users[0]
-    if user.op != "call_module" or not user.args or user.args[0] is not node:
-        return FoldPlan(None, reason=f"consumer {describe(gm, user)} is not a conv")
-    layer = gm.get_submodule(str(user.target))
-    kind = layer_kind(layer)
-    if kind is None or kind.startswith("ConvTranspose") or not is_plain(layer):
-        return FoldPlan(None, reason=f"consumer {describe(gm, user)} is not a conv")
-    if len(sites.get(id(layer), [])) > 1:
-        return FoldPlan(None, reason=f"consumer {user.target} is called at several sites")
-    inp = layer.in_features if kind == "Linear" else layer.in_channels
-    if inp != _channels(consts):
-        return FoldPlan(None, reason=f"consumer {user.target} has {inp} inputs, the norm {_channels(consts)}")
-    if kind == "Linear":
-        if _rank(gm, node) != 2:
-            return FoldPlan(None, reason=f"consumer {user.target} is a Linear and the input rank is not known to be 2")
-        return FoldPlan("into_consumer", user)
-    padding = layer.padding
-    pads = any(p != 0 for p in padding) if isinstance(padding, tuple) else padding != "valid"
-    if pads and layer.padding_mode == "zeros":
-        shift_zero = consts.bias is None or not bool(torch.any(consts.bias != 0))
-        shift_zero = shift_zero and not bool(torch.any(consts.running_mean != 0))
-        if not shift_zero:
-            return FoldPlan(None, reason=f"consumer {describe(gm, user)} pads with zeros (padding={padding}): "
-                            "folding the norm's shift into it would change the border")
-    return FoldPlan("into_consumer", user)
-
-
-def plan_norm(gm: fx.GraphModule, node: fx.Node, sites: dict[int, list[fx.Node]] | None = None) -> FoldPlan:
-    """Decide whether the norm at ``node`` folds into its producer, its consumer, or not at all.
-
-    Example:
-        >>> import torch.nn as nn, fxnorm
-        >>> gm = fxnorm.trace(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU()).eval())
-        >>> print(plan_norm(gm, list(gm.graph.nodes)[2]).reason)
-        producer _0 (ReLU) is not a conv/linear; consumer _2 (ReLU) is not a conv
-    """
-    consts = bn_constants(gm, node)
-    if isinstance(consts, str):
-        return FoldPlan(None, reason=consts)
-    sites = call_sites(gm) if sites is None else sites
-    first = _producer_plan(gm, node, consts, sites)
-    if first.mode is not None:
-        return first
-    second = _consumer_plan(gm, node, consts, sites)
-    if second.mode is not None:
-        return second
-    return FoldPlan(None, reason=f"{first.reason}; {second.reason}")
+    found = _plain_layer(call.gm, user, "consumer", transposed_ok=False)
+    if isinstance(found, str):
+        return found
+    layer, kind = found
+    if not user.args or user.args[0] is not call.node or len(user.args) > 1 or user.kwargs:
+        return f"consumer {user.target} is not called on the norm output alone"
+    width = layer.in_features if kind == "Linear" else layer.in_channels
+    if width != consts.num_features:
+        return f"consumer {user.target} has {width} inputs, the norm {consts.num_features}"
+    why = _ranks_agree(call.gm, call.node, call.rank_kind, kind)
+    if why is not None:
+        return why
+    if kind != "Linear" and _pads_with_zeros(layer):
+        shift_free = (consts.bias is None or not bool((consts.bias != 0).any())) and not bool(
+            (consts.running_mean != 0).any())
+        if not shift_free:
+            return (f"consumer {describe(call.gm, user)} pads with zeros (padding={layer.padding}): "
+                    "folding the norm's shift into it would change the border")
+    source = call.input()
+    writers = mutators(call.gm, source) if source is not None else []
+    if writers:
+        return (f"its input {source.name} may be written in place by {', '.join(w.name for w in writers[:3])} "  # type: ignore[union-attr]
+                "(after folding, the consumer would read the written values)")
+    why = layer_problem(an, layer, "consumer") or crossing_hooks(an, call.prefix, call.node, user)
+    return why or Proposal("into_consumer", user, layer, an.name_of(layer))

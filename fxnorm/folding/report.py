@@ -18,12 +18,14 @@ from ..errors import FoldError, FxNormError
 from ..reports import Report
 from ..graph.tracing import UntracedPart
 
-__all__ = ["FoldMode", "MODES", "FoldedNorm", "SkippedNorm", "FoldReport"]
+__all__ = ["FoldMode", "MODES", "Evidence", "FoldedNorm", "SkippedNorm", "FoldReport"]
 
 #: How a norm left the model (:attr:`FoldedNorm.mode`).
 FoldMode = Literal["into_producer", "into_consumer", "affine", "norm_affine_into_consumer"]
 #: The values of :data:`FoldMode`.
 MODES: tuple[FoldMode, ...] = get_args(FoldMode)
+#: How a fold was shown to be exact (:attr:`FoldedNorm.evidence`).
+Evidence = Literal["proven", "counted", "unverified"]
 
 
 @dataclass
@@ -34,6 +36,10 @@ class FoldedNorm:
     kind: str  #: BatchNorm2d, FrozenBatchNorm2d, batch_norm (functional), LayerNorm, ...
     mode: FoldMode  #: "into_producer" | "into_consumer" | "affine" | "norm_affine_into_consumer"
     into: str  #: qualified name of the layer(s) it folded into (comma separated), or of the new affine module
+    #: how the fold was shown exact: "proven" (the whole model is one graph), "counted" (traced part by part;
+    #: the example run called and read the layers only where the graphs do), "unverified" (part by part,
+    #: no example inputs: eager code might call them; strict=True refuses these)
+    evidence: Evidence = "proven"
 
 
 @dataclass
@@ -55,9 +61,12 @@ class FoldReport(Report):
     folded: list[FoldedNorm] = field(default_factory=list)
     skipped: list[SkippedNorm] = field(default_factory=list)
     untraced: list[UntracedPart] = field(default_factory=list)
+    #: modules whose own forward was rewritten (a functional batch norm in their code folded away)
+    forwards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"folded": [...], "skipped": [...], "untraced": [...], "counts": {...}}``.
+        """A JSON-ready dict: ``{"folded": [...], "skipped": [...], "untraced": [...], "forwards": [...],
+        "counts": {...}}``.
 
         Example:
             >>> FoldReport().to_dict()["counts"]
@@ -67,5 +76,6 @@ class FoldReport(Report):
             "folded": [asdict(f) for f in self.folded],
             "skipped": [asdict(s) for s in self.skipped],
             "untraced": [asdict(u) for u in self.untraced],
+            "forwards": list(self.forwards),
             "counts": {"folded": len(self.folded), "skipped": len(self.skipped), "untraced": len(self.untraced)},
         }

@@ -42,8 +42,7 @@ __all__ = [
     "describe",
     "constant_value",
     "scope_name",
-    "is_metadata_query",
-    "value_users",
+    "qualified_name",
 ]
 
 _REQUIRED = object()
@@ -323,39 +322,11 @@ def scope_name(gm: fx.GraphModule, node: fx.Node) -> str:
     return node.name
 
 
-#: Tensor methods and attributes that read only a tensor's metadata, never its values. A fold keeps
-#: every one of them: a folded norm's input has its output's shape, dtype and device.
-_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
-_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
-
-
-def is_metadata_query(user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` only reads the metadata of ``node``'s output: ``x.shape``, ``x.size()``,
-    ``x.size(1)``, ``x.dim()``, ``x.numel()``, ``x.dtype``, ``getattr(x, "device")``... and never its
-    values, so it does not stop a fold (a folded norm's input has the same shape, dtype and device).
+def qualified_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever is not empty.
 
     Example:
-        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.shape[0], -1))
-        >>> x = next(iter(gm.graph.nodes))
-        >>> [(u.name, is_metadata_query(u, x)) for u in x.users]
-        [('relu', False), ('getattr_1', True)]
+        >>> qualified_name("layer1", "0.bn1"), qualified_name("", "fc"), qualified_name("head", "")
+        ('layer1.0.bn1', 'fc', 'head')
     """
-    if not user.args or user.args[0] is not node or any(a is node for a in user.args[1:]):
-        return False
-    if any(a is node for a in user.kwargs.values()):
-        return False
-    if user.op == "call_method":
-        return user.target in _METADATA_METHODS
-    return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
-            and user.args[1] in _METADATA_ATTRS)
-
-
-def value_users(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its values: every user but :func:`is_metadata_query` ones.
-
-    Example:
-        >>> gm = fx.symbolic_trace(lambda x: x.relu().reshape(x.size(0), -1))
-        >>> [u.name for u in value_users(next(iter(gm.graph.nodes)))]
-        ['relu']
-    """
-    return [u for u in node.users if not is_metadata_query(u, node)]
+    return f"{prefix}.{name}" if prefix and name else prefix or name

@@ -159,7 +159,8 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def is_plain(module: nn.Module) -> bool:
-    """True when ``module`` is a known norm/conv/linear whose ``forward`` is its base class's.
+    """True when ``module`` is a known norm/conv/linear whose ``forward`` is its base class's (and
+    not replaced on the instance: ``module.forward = ...`` makes it opaque).
 
     Example:
         >>> class BNReLU(nn.BatchNorm2d):
@@ -169,7 +170,7 @@ def is_plain(module: nn.Module) -> bool:
         (True, False)
     """
     base = known_base(module)
-    if base is None:
+    if base is None or "forward" in module.__dict__:
         return False
     return getattr(type(module), "forward", None) is getattr(base[0], "forward", None)
 

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,11 +34,13 @@ from torch.nn.parameter import is_lazy
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
-from .kinds import is_plain, known_base, norm_kind
+from .eager import EAGER_READS, watch_eager_reads
+from .readers import augmented_assignment
+from .kinds import is_plain, known_base
 
 __all__ = [
     "LeafSpec", "LeafModules", "NormTracer", "UntracedPart", "TraceReport", "trace", "traced_report", "is_traced",
-    "graph_parts", "eager_norms", "eager_reason", "qualified_name",
+    "graph_parts",
 ]
 
 #: A module the tracer keeps opaque: a class, a qualified name, or a module instance.
@@ -82,7 +85,9 @@ class TraceReport(Report):
 
 class NormTracer(fx.Tracer):
     """An ``fx.Tracer`` that keeps plain norm/conv/linear layers (and user leaves) as leaves and
-    records the qualified name of the module every node comes from in ``node.meta["fxnorm_scope"]``.
+    records the qualified name of the module every node comes from in ``node.meta["fxnorm_scope"]``
+    (for a leaf's call: the leaf), and the modules being called when it was made, outermost first,
+    in ``node.meta["fxnorm_stack"]`` (the leaf included).
 
     Example:
         >>> import torch.nn as nn
@@ -99,6 +104,8 @@ class NormTracer(fx.Tracer):
         self._leaf_ids = {id(s) for s in specs if isinstance(s, nn.Module)}
         self._prefix = prefix
         self._scope = ""
+        self._stack: list[str] = []
+        self.hooked: set[int] = set()  #: ids of the modules whose hooks are held while tracing
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         full = f"{self._prefix}.{module_qualified_name}" if self._prefix else module_qualified_name
@@ -111,6 +118,8 @@ class NormTracer(fx.Tracer):
             return True
         if known_base(m) is not None:
             return is_plain(m)
+        if type(m) is nn.Identity and "forward" not in m.__dict__ and id(m) not in self.hooked:
+            return False  # a folded norm: traced through, it leaves no node between its neighbours
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -119,27 +128,45 @@ class NormTracer(fx.Tracer):
             self._scope = self.path_of_module(m)
         except NameError:
             pass
-        # A norm subclass with its own forward is traced through; when it calls its base's forward,
-        # the base's input-rank check (``if input.dim() != 4: raise``) would branch on a proxy and
-        # fail the whole trace. Silence that check (on this instance, for this call only).
-        patched = known_base(m) is not None and not is_plain(m) and callable(getattr(m, "_check_input_dim", None))
-        if patched:
-            saved = m.__dict__.get("_check_input_dim", _MISSING)
-            object.__setattr__(m, "_check_input_dim", _no_check)
+        self._stack.append(self._scope)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            with _silenced_rank_check(m):
+                return super().call_module(m, forward, args, kwargs)
         finally:
             self._scope = outer
-            if patched:
-                if saved is _MISSING:
-                    del m.__dict__["_check_input_dim"]
-                else:
-                    m.__dict__["_check_input_dim"] = saved
+            self._stack.pop()
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """``fx.Tracer.trace``, with a norm subclass root's input-rank check silenced too."""
+        with _silenced_rank_check(root if isinstance(root, nn.Module) else None):
+            return super().trace(root, concrete_args)
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["fxnorm_scope"] = self._scope
+        node.meta["fxnorm_stack"] = tuple(self._stack)  # the modules whose call made this node, outermost first
+        if node.op == "call_function":
+            node.meta["fxnorm_inplace"] = augmented_assignment(node.target)
         return node
+
+
+@contextlib.contextmanager
+def _silenced_rank_check(m: nn.Module | None) -> Iterator[None]:
+    """A norm subclass with its own forward is traced through; when it calls its base's forward, the
+    base's input-rank check (``if input.dim() != 4: raise``) would branch on a proxy and fail the
+    whole trace. Silence that check (on this instance, for this call only)."""
+    if m is None or known_base(m) is None or is_plain(m) or not callable(getattr(m, "_check_input_dim", None)):
+        yield
+        return
+    saved = m.__dict__.get("_check_input_dim", _MISSING)
+    object.__setattr__(m, "_check_input_dim", _no_check)
+    try:
+        yield
+    finally:
+        if saved is _MISSING:
+            del m.__dict__["_check_input_dim"]
+        else:
+            m.__dict__["_check_input_dim"] = saved
 
 
 def _one_line(err: BaseException) -> str:
@@ -155,12 +182,17 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
     # Code traced through runs on the real buffers too (a BatchNorm subclass in training mode does
     # ``self.num_batches_tracked.add_(1)``): put back every buffer changed in place.
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
-    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers() if not is_lazy(b)]
+    buffers = [(b, _version(b), b.detach().clone()) for b in module.buffers() if not is_lazy(b)]
     try:
         tracer = NormTracer(leaf_modules, prefix)
-        graph = tracer.trace(module, concrete_args=concrete_args)
+        with watch_eager_reads({id(t) for t in (*module.parameters(), *module.buffers())}) as reads, \
+                _hooks_held(module) as hooked:
+            tracer.hooked = hooked
+            graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
-        return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm.meta[EAGER_READS] = dict(reads)
+        return gm
     finally:
         for m, state in saved:
             current = m.__dict__
@@ -169,8 +201,47 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
                 current.update(state)
         with torch.no_grad():
             for buf, version, value in buffers:
-                if buf._version != version:
+                if version is None and buf.device.type != "meta" and not torch.equal(buf, value) or (
+                        version is not None and _version(buf) != version):
                     buf.copy_(value)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
+                 "_global_forward_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def _hooks_held(module: nn.Module) -> Iterator[set[int]]:
+    """No user hook runs while a module is traced (a hook that records hidden states would record
+    proxies): every module's hook tables, and the global ones, are empty inside the block and put
+    back after it; the block gets the ids of the modules that had hooks. Folds whose values cross a
+    hooked module are refused by the planner instead."""
+    from torch.nn.modules import module as module_globals
+
+    held = [(g, getattr(module_globals, g)) for g in _GLOBAL_HOOKS if hasattr(module_globals, g)]
+    for name, _ in held:
+        setattr(module_globals, name, type(getattr(module_globals, name))())
+    hooked = {id(m) for m in module.modules() if _has_hooks(m)}
+    for m in module.modules():
+        for attr in _HOOKS:
+            if attr in m.__dict__:
+                m.__dict__[attr] = type(m.__dict__[attr])()  # the caller restores the module's __dict__
+    try:
+        yield hooked
+    finally:
+        for name, table in held:
+            setattr(module_globals, name, table)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(m.__dict__.get(attr) for attr in _HOOKS)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t._version``, or None for an inference tensor (it keeps no version counter)."""
+    return None if t.is_inference() else t._version
 
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
@@ -265,6 +336,9 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxnorm.trace expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(f"{type(model).__name__} is TorchScript (torch.jit.script/trace): fxnorm reads Python "
+                         "modules; pass the nn.Module it was made from")
     report = TraceReport()
     result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace)
     record_report(result, report)
@@ -319,52 +393,3 @@ def graph_parts(module: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
                 yield full, child
             else:
                 stack.append((full, child))
-
-
-def eager_norms(traced: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(qualified name, module, kind)`` of every norm module of a traced model that runs in untraced
-    (eager) code: the children of glue modules that are not ``GraphModule`` s. The model itself is
-    not listed; a norm subclass with its own forward is listed and its children are searched too.
-
-    Example:
-        >>> import torch.nn as nn
-        >>> eager_norms(trace(nn.Sequential(nn.BatchNorm1d(2))))
-        []
-    """
-    found: list[tuple[str, nn.Module, str]] = []
-    stack: list[tuple[str, nn.Module]] = [("", traced)]
-    while stack:
-        name, module = stack.pop()
-        if isinstance(module, fx.GraphModule):
-            continue
-        kind = norm_kind(module)
-        if kind is not None and name:
-            found.append((name, module, kind))
-            if is_plain(module):
-                continue
-        for child_name, child in reversed(list(module.named_children())):
-            stack.append((qualified_name(name, child_name), child))
-    return found
-
-
-def qualified_name(prefix: str, name: str) -> str:
-    """``prefix.name``, or whichever is not empty.
-
-    Example:
-        >>> qualified_name("layer1", "0.bn1"), qualified_name("", "fc"), qualified_name("head", "")
-        ('layer1.0.bn1', 'fc', 'head')
-    """
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def eager_reason(name: str, report: TraceReport) -> str:
-    """Why the norm at ``name`` (one of :func:`eager_norms`) is not in a graph: the untraced parent,
-    with the tracer's reason when there is one.
-
-    Example:
-        >>> eager_reason("head.bn", TraceReport(untraced=[UntracedPart("head", "Head", "TraceError: if x")]))
-        "runs in untraced code of 'head' (TraceError: if x)"
-    """
-    parent = name.rpartition(".")[0]
-    why = {u.name: u.reason for u in report.untraced}.get(parent)
-    return f"runs in untraced code of '{parent or '<model>'}'" + (f" ({why})" if why else "")

@@ -18,10 +18,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from ..folding.plan import plan_norm
-from ..graph.calls import bind_node, call_sites, constant_value, node_norm_kind, scope_name
+from ..folding.planner import plan_folds
+from ..graph.shapes import record_shapes
 from ..graph.kinds import has_running_stats
-from ..graph.tracing import LeafModules, eager_norms, eager_reason, graph_parts, is_traced, qualified_name, trace, traced_report
+from ..graph.calls import bind_node, constant_value, qualified_name, scope_name
+from ..graph.eager import eager_norms, eager_reason
+from ..graph.tracing import LeafModules, graph_parts, is_traced, trace, traced_report
 
 __all__ = ["NormSite", "find_norms", "health_flags", "eager_sites"]
 
@@ -51,6 +53,8 @@ class NormSite:
     fold_into: str | None = None  #: qualified name of the layer it folds into
     reason: str | None = None  #: why it cannot fold (None when it can)
     health: list[str] = field(default_factory=list)  #: problems with its statistics/parameters
+    #: how the fold is shown exact (see :class:`fxnorm.FoldedNorm`); None when it does not fold
+    evidence: str | None = None
 
     @property
     def foldable(self) -> bool:
@@ -59,6 +63,11 @@ class NormSite:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         return asdict(self)
+
+
+def _count(t: object) -> int | None:
+    """A ``num_batches_tracked`` value (None: no counter, or a tensor with no value on ``meta``)."""
+    return int(t) if isinstance(t, torch.Tensor) and not t.is_meta else None
 
 
 def health_flags(
@@ -113,13 +122,14 @@ def _lookup(root: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _module_site(gm: fx.GraphModule, prefix: str, node: fx.Node, module: nn.Module, kind: str) -> NormSite:
+def _module_site(gm: fx.GraphModule, prefix: str, name: str, node: fx.Node, module: nn.Module,
+                 kind: str) -> NormSite:
     nbt = getattr(module, "num_batches_tracked", None)
-    nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
-    name, op, ptype = _producer_fields(gm, node)
+    nbt_value = _count(nbt)
+    producer, op, ptype = _producer_fields(gm, node)
     stats = has_running_stats(module)
     return NormSite(
-        name=qualified_name(prefix, str(node.target)),
+        name=name,
         node=node.name,
         graph=prefix,
         kind=kind,
@@ -132,7 +142,7 @@ def _module_site(gm: fx.GraphModule, prefix: str, node: fx.Node, module: nn.Modu
         track_running_stats=stats,
         training=module.training if kind != "FrozenBatchNorm2d" else False,
         num_batches_tracked=nbt_value,
-        producer=name,
+        producer=producer,
         producer_op=op,
         producer_type=ptype,
         consumers=[u.name for u in node.users],
@@ -171,7 +181,7 @@ def _function_site(gm: fx.GraphModule, prefix: str, node: fx.Node, kind: str, ro
     weight = values.get("weight")
     owner = _lookup(root, qualified_name(prefix, scope))
     nbt = getattr(owner, "num_batches_tracked", None) if owner is not None else None
-    nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+    nbt_value = _count(nbt)
     features = mean if isinstance(mean, torch.Tensor) else weight
     return NormSite(
         name=qualified_name(prefix, scope),
@@ -208,7 +218,7 @@ def eager_sites(traced: nn.Module) -> list[NormSite]:
     sites: list[NormSite] = []
     for name, module, kind in eager_norms(traced):
         nbt = getattr(module, "num_batches_tracked", None)
-        nbt_value = int(nbt) if isinstance(nbt, torch.Tensor) else None
+        nbt_value = _count(nbt)
         sites.append(NormSite(
             name=name, node=None, graph=None, kind=kind, op="eager", module_type=type(module).__name__,
             num_features=_num_features(module), eps=getattr(module, "eps", None),
@@ -222,35 +232,50 @@ def eager_sites(traced: nn.Module) -> list[NormSite]:
         ))
     return sites
 
-def find_norms(model: nn.Module, *, leaf_modules: LeafModules = ()) -> list[NormSite]:
-    """Every normalization layer of ``model``, in graph order, with where it can fold or why not.
+def find_norms(model: nn.Module, *, leaf_modules: LeafModules = (), example_inputs: tuple | None = None,
+               allow_hooks: bool = False) -> list[NormSite]:
+    """Every normalization layer of ``model``, in graph order, with where it folds or why not.
 
-    ``model`` may be any module (it is traced with :func:`fxnorm.trace`, part by part if needed; the
-    model itself is not changed) or the output of :func:`fxnorm.trace` / any ``GraphModule``. Norms
-    in untraced code are reported with ``op="eager"`` after the graph ones.
+    The decision is the one :func:`fxnorm.fold` makes (the same planner, the same arguments), so
+    what this reports is what ``fold`` does. ``model`` may be any module (traced with
+    :func:`fxnorm.trace`, part by part if needed; the model itself is not changed) or the output of
+    :func:`fxnorm.trace`. Norms in untraced code are reported with ``op="eager"`` after the graph ones.
+
+    Args:
+        model: the model (or a traced model).
+        leaf_modules: modules the tracer keeps opaque (classes, qualified names or instances).
+        example_inputs: positional arguments of ``model(*example_inputs)``: shapes from them decide
+            folds that depend on ranks, and for a model traced part by part a recorded run shows
+            which folds eager code cannot disturb (as for :func:`fxnorm.fold`).
+        allow_hooks: as for :func:`fxnorm.fold`.
+
+    Raises:
+        TraceError: ``model`` is not an ``nn.Module``, or is TorchScript.
 
     Example:
         >>> import torch.nn as nn
         >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
         >>> [(s.name, s.fold or s.reason) for s in find_norms(m)]
-        [('1', 'into_producer'), ('3', 'producer _2 (ReLU) is not a conv/linear; consumer the graph output is not a conv')]
+        [('1', 'into_producer'), ('3', 'producer _2 (ReLU) is not a conv/linear; consumer the graph output is not a conv or linear')]
     """
     traced = model if is_traced(model) else trace(model, leaf_modules=leaf_modules)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if inputs is not None:
+        record_shapes(traced, tuple(inputs))
+    plan = plan_folds(model, traced, example_inputs=None if inputs is None else tuple(inputs),
+                      allow_hooks=allow_hooks)
+    originals = {(prefix, n.name): (gm, n) for prefix, gm in graph_parts(traced) for n in gm.graph.nodes}
     sites: list[NormSite] = []
-    for prefix, gm in graph_parts(traced):
-        calls = call_sites(gm)
-        for node in gm.graph.nodes:
-            found = node_norm_kind(gm, node)
-            if found is None:
-                continue
-            kind, module = found
-            site = (_module_site(gm, prefix, node, module, kind) if module is not None
-                    else _function_site(gm, prefix, node, kind, model))
-            plan = plan_norm(gm, node, calls)
-            if plan.mode is not None and plan.target is not None:
-                site.fold, site.fold_into = plan.mode, qualified_name(prefix, str(plan.target.target))
-            else:
-                site.reason = plan.reason
-            sites.append(site)
+    for d in plan.decisions:
+        gm, node = originals[d.call.key]
+        module = d.call.module
+        site = (_module_site(gm, d.call.prefix, d.call.name, node, module, d.call.kind) if module is not None
+                else _function_site(gm, d.call.prefix, node, d.call.kind, model))
+        site.name = d.call.name
+        if d.mode is not None:
+            site.fold, site.fold_into, site.evidence = d.mode, d.layer_name, d.evidence
+        else:
+            site.reason = d.reason
+        sites.append(site)
     sites.extend(eager_sites(traced))
     return sites

@@ -176,7 +176,7 @@ def test_inspect_factory_with_input_shape_and_leaf(capsys: pytest.CaptureFixture
     norms = {n["name"]: n for n in json.loads(out)["norms"]}
     assert norms["1"]["fold"] == "into_producer"
     assert norms["3"]["fold"] is None and "pads with zeros" in norms["3"]["reason"]
-    assert norms["9"]["fold"] is None and "rank is unknown" in norms["9"]["reason"]
+    assert norms["9"]["fold"] is None and "is not known" in norms["9"]["reason"]
     assert norms["1"]["num_batches_tracked"] == 7
     # one forward on --input-shape records ranks: the Linear -> BatchNorm1d fold becomes possible
     code, out, _ = run(capsys, "inspect", f"{factories}:net", "--format", "json", "--input-shape", "2,3,6,6")

@@ -20,6 +20,7 @@ from torch.fx.experimental.optimization import fuse
 from zoo import randomize_norms, rel_err
 
 from fxnorm import FoldError, ChannelAffine, fold, find_norms, report_of, FoldReport
+from fxnorm.folding.modules import NormRemainder
 from fxnorm.graph.kinds import BN_KINDS
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -127,7 +128,7 @@ def test_conv_bn_folds(device, dim, bias, groups, stride, dilation, padding, mod
                      bias=bias)
     model = randomize_norms(nn.Sequential(conv, BN[dim](8), nn.ReLU()).eval(), seed=dim).to(device)
     x = torch.randn(2, 4, *([9] * dim), device=device)
-    folded = check_fold(model, x)
+    folded = check_fold(model, x, example_inputs=(x,))  # Conv1d -> BatchNorm1d needs the rank (3, not 2)
     assert bns_left(folded) == []
     (entry,) = report_of(folded, FoldReport).folded
     assert (entry.name, entry.kind, entry.mode, entry.into) == ("1", f"BatchNorm{dim}d", "into_producer", "0")
@@ -144,7 +145,7 @@ def test_conv_transpose_bn_folds_per_group(dim, groups):
     layer = CONVT[dim](channels, channels, 3, stride=2, padding=1, output_padding=1, groups=groups)
     model = randomize_norms(nn.Sequential(layer, BN[dim](channels)).eval(), seed=groups)
     x = torch.randn(2, channels, *([5] * dim))
-    folded = check_fold(model, x)
+    folded = check_fold(model, x, example_inputs=(x,))
     assert bns_left(folded) == []
     if groups == 1 and dim == 2:  # torch's fuse leaves ConvTranspose alone
         assert sum(isinstance(m, nn.BatchNorm2d) for m in fuse(model).modules()) == 1
@@ -180,21 +181,24 @@ def test_linear_bn1d_rank_decided_by_example_inputs():
     x3 = torch.randn(2, 6, 6)
     folded = check_fold(model, x3, example_inputs=(x3,))
     (skip,) = report_of(folded, FoldReport).skipped
-    assert "rank is 3" in skip.reason
+    assert "at rank 3 the BatchNorm1d channels (dim 1) are not the Linear channels" in skip.reason
     folded = check_fold(model, x3)  # rank unknown without example inputs: refused
-    assert "rank is unknown" in report_of(folded, FoldReport).skipped[0].reason
+    assert "is not known" in report_of(folded, FoldReport).skipped[0].reason
     x2 = torch.randn(4, 6)
     folded = check_fold(model, x2, example_inputs=(x2,))
     assert report_of(folded, FoldReport).skipped == [] and bns_left(folded) == []
 
 
 def test_functional_batch_norm_folds():
-    model = FunctionalBN().eval()
-    folded = check_fold(model, torch.randn(2, 3, 8, 8))
+    model = nn.Sequential(FunctionalBN()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = check_fold(model, x, example_inputs=(x,))  # conv2d -> batch_norm: the rank decides (4, not 3)
     assert bns_left(folded) == []
-    (entry,) = report_of(folded, FoldReport).folded
-    assert entry.kind == "batch_norm" and entry.into == "conv"
-    assert not any(torch.equal(b, model.mean) for b in folded.buffers())  # the constants are gone
+    report = report_of(folded, FoldReport)
+    (entry,) = report.folded
+    assert entry.kind == "batch_norm" and entry.into == "0.conv" and report.forwards == ["0"]
+    assert type(folded[0]) is FunctionalBN and set(folded[0].state_dict()) == {"conv.weight", "conv.bias"}
+    assert not any(torch.equal(b, model[0].mean) for b in folded.buffers())  # the constants are gone
 
 
 def test_frozen_batch_norm_folds():
@@ -219,11 +223,10 @@ def test_bn_subclass_with_activation_folds_as_functional_and_keeps_relu():
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         assert bool((model(x) == 0).any())  # the ReLU matters for this input
-    folded = check_fold(model, x)
+    folded = check_fold(model, x)  # BatchNorm2d's own rank check makes the rank 4
     (entry,) = report_of(folded, FoldReport).folded
     assert entry.kind == "batch_norm" and entry.name == "1"
-    assert bns_left(folded) == []
-    assert any(n.target in (F.relu, torch.relu) for n in folded.graph.nodes)
+    assert bns_left(folded) == [] and isinstance(folded[1], NormRemainder) and folded[1].of == "BNReLU"
 
 
 def test_conv_bn_bn_chain_folds_both():
@@ -403,9 +406,13 @@ def test_strict_passes_when_everything_folds():
 
 def test_standalone_affine_chain_of_unfoldable_norms():
     model = randomize_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Sigmoid()).eval())
-    for inplace in (False, True):
-        folded = check_fold(copy.deepcopy(model), torch.randn(2, 3, 4, 4), standalone="affine", inplace=inplace)
-        assert [(f.name, f.mode) for f in report_of(folded, FoldReport).folded] == [("1", "affine"), ("2", "affine")]
+    x = torch.randn(2, 3, 4, 4)
+    folded = check_fold(model, x, standalone="affine")
+    assert [(f.name, f.mode) for f in report_of(folded, FoldReport).folded] == [("1", "affine"), ("2", "affine")]
+    with torch.no_grad():
+        ref = model(x)
+        same = fold(model, standalone="affine", inplace=True)
+        assert same is model and isinstance(model[1], ChannelAffine) and rel_err(model(x), ref) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -420,15 +427,16 @@ def test_standalone_affine(dtype):
     assert bns_left(folded) == [] and folded(x).dtype == dtype
 
 
-def test_standalone_affine_for_functional_bn():
+def test_standalone_affine_leaves_functional_bn():
+    """standalone="affine" replaces norm modules; a functional batch_norm stays, with its reason."""
     class Pre(FunctionalBN):  # BN before a zero-padding conv: no exact fold
         def forward(self, x):
             y = F.batch_norm(x.relu(), self.mean[:3], self.var[:3], None, None, False, 0.1, 1e-5)
             return F.conv2d(y, self.conv.weight, padding=1)
 
-    folded = check_fold(Pre().eval(), torch.randn(1, 3, 6, 6), standalone="affine")
-    assert [f.mode for f in report_of(folded, FoldReport).folded] == ["affine"]
-    assert isinstance(folded.get_submodule(report_of(folded, FoldReport).folded[0].into), ChannelAffine)
+    folded = check_fold(nn.Sequential(Pre()).eval(), torch.randn(1, 3, 6, 6), standalone="affine")
+    report = report_of(folded, FoldReport)
+    assert report.folded == [] and [s.kind for s in report.skipped] == ["batch_norm"]
 
 
 # ---------------------------------------------------------------- numerics
@@ -510,7 +518,8 @@ def test_report_and_find_norms_of_folded_model():
     report = report_of(folded, FoldReport)
     data = report.to_dict()
     assert data["counts"] == {"folded": 1, "skipped": 1, "untraced": 0}
-    assert data["folded"][0] == {"name": "1", "kind": "BatchNorm2d", "mode": "into_producer", "into": "0"}
+    assert data["folded"][0] == {"name": "1", "kind": "BatchNorm2d", "mode": "into_producer", "into": "0",
+                                 "evidence": "proven"}
     assert data["skipped"][0]["name"] == "3" and "not a conv" in data["skipped"][0]["reason"]
     assert [s.name for s in bns_left(folded)] == ["3"]
     assert not [k for k in vars(folded) if "fxnorm" in k]  # the report is kept beside the model, not on it
@@ -690,13 +699,11 @@ def test_norm_affine_functional_layer_norm():
         def forward(self, x):
             return self.proj(F.layer_norm(x, (8,), self.w, self.b, 1e-6))
 
-    model = Fn().eval()
+    model = nn.Sequential(Fn()).eval()
     folded = check_fold(model, torch.randn(3, 8), norm_affine=True)
-    assert [f.kind for f in report_of(folded, FoldReport).folded] == ["layer_norm"]
-    (node,) = [n for n in folded.graph.nodes if n.target is F.layer_norm]
-    given = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args), **node.kwargs)
-    assert given["weight"] is None and given["bias"] is None
-    assert not any(n.op == "get_attr" for n in folded.graph.nodes)
+    report = report_of(folded, FoldReport)
+    assert [f.kind for f in report.folded] == ["layer_norm"] and report.forwards == ["0"]
+    assert type(folded[0]) is Fn and "self.w" not in folded[0].forward.args[0].source  # weight no longer passed
 
 
 def test_norm_affine_small_vit_and_swin():

@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxnorm.graph.calls import LAYOUTS, bind, bind_node, replace_argument, value_users
+from fxnorm.graph.calls import LAYOUTS, bind, bind_node, replace_argument
+from fxnorm.graph.readers import value_users
 
 #: the ATen op whose schema each torch.* builtin follows (torch.conv2d has two overloads: int and str
 #: padding; both put the arguments in the same order)

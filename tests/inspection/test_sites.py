@@ -124,12 +124,17 @@ def test_functional_batch_norm() -> None:
     assert site.affine and site.track_running_stats and not site.training
     assert site.num_batches_tracked is None
     assert (site.producer, site.producer_type) == ("conv", "Conv2d")
-    assert (site.fold, site.fold_into) == ("into_producer", "conv")
+    assert site.fold is None and "the rank of conv is not known" in site.reason
+    x = torch.randn(1, 3, 8, 8)
+    [site] = find_norms(model, example_inputs=(x,))
+    assert site.fold is None and "the model's own forward calls batch_norm" in site.reason  # never the root's
+    [site] = find_norms(nn.Sequential(model), example_inputs=(x,))  # in a submodule, with the rank known
+    assert (site.name, site.fold, site.fold_into, site.evidence) == ("0", "into_producer", "0.conv", "proven")
 
 
 def test_functional_norm_inside_a_submodule_is_named_by_its_scope() -> None:
     model = nn.Sequential(nn.Identity(), Inner()).eval()
-    [site] = find_norms(model)
+    [site] = find_norms(model, example_inputs=(torch.randn(1, 3, 8, 8),))
     assert site.kind == "batch_norm" and site.name == "1"
     assert site.module_type == "Inner"
     assert not site.affine and site.num_features == 6 and site.eps == 1e-5
@@ -155,8 +160,8 @@ def test_bn_subclass_with_activation_is_never_a_plain_norm() -> None:
 def test_conv_reused_twice_cannot_fold() -> None:
     sites = _by_name(find_norms(_eval(ConvReused())))
     assert sites["bn1"].fold is None and sites["bn2"].fold is None
-    assert sites["bn1"].reason.startswith("producer conv is called at 2 sites (conv, conv_1)")
-    assert "consumer conv is called at several sites" in sites["bn1"].reason
+    assert sites["bn1"].reason.startswith("conv is called at 2 sites that are not all followed (or preceded) by the "
+                                          "same norm")
     assert sites["bn2"].producer == "conv_1"
 
 
@@ -241,7 +246,9 @@ def test_linear_bn1d_and_rank() -> None:
     # a Linear whose input rank is unknown: its features are channels only for 2-D input
     unknown = _eval(nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4)))
     [site] = find_norms(unknown)
-    assert site.fold is None and "Linear output rank is unknown" in site.reason
+    assert site.fold is None and "the rank of _0 is not known" in site.reason
+    [site] = find_norms(unknown, example_inputs=(torch.randn(5, 12),))
+    assert site.fold == "into_producer"
 
 
 def test_transposed_conv_producer() -> None:
@@ -276,7 +283,9 @@ def test_training_mode_and_frozen_and_sync() -> None:
     assert frozen.num_features == 4 and frozen.momentum is None and frozen.num_batches_tracked is None
     assert sites["5"].kind == "SyncBatchNorm" and sites["5"].fold is None
     model.eval()
-    assert _by_name(find_norms(model))["5"].fold == "into_producer"
+    # SyncBatchNorm takes any rank >= 2: the conv's channels are its channels only on batched input
+    assert "not known" in _by_name(find_norms(model))["5"].reason
+    assert _by_name(find_norms(model, example_inputs=(torch.randn(1, 3, 4, 4),)))["5"].fold == "into_producer"
 
 
 def test_lazy_norm_is_reported_not_crashed() -> None:

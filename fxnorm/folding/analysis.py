@@ -1,0 +1,111 @@
+"""The facts a fold plan is built from: the traced parts of a model and everything that reads or
+calls what a fold would change, gathered once (see :class:`fxnorm.folding.plan.Analysis`).
+
+Example:
+    >>> import torch.nn as nn, fxnorm
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    >>> an = analyze(model, fxnorm.trace(model))
+    >>> an.complete, [prefix for prefix, _ in an.parts], an.name_of(model[1])
+    (True, [''], '1')
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph.calls import node_norm_kind, scope_name
+from ..graph.kinds import BN_KINDS
+from ..graph.readers import global_hooks, hidden_references, module_names
+from ..graph.eager import EAGER_READS
+from ..graph.calls import qualified_name
+from ..graph.tracing import graph_parts, traced_report
+from .plan import Analysis, NormCall
+
+__all__ = ["analyze", "norm_calls", "layer_sites", "FOLDABLE_KINDS"]
+
+#: norm kinds that are a per-channel affine map once their statistics are constant
+FOLDABLE_KINDS = BN_KINDS | {"InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+
+
+def _reads(model: nn.Module, parts: list[tuple[str, fx.GraphModule]],
+           roots: dict[str, nn.Module]) -> dict[tuple[int, str], list]:
+    """Every read of a module attribute: ``get_attr`` nodes (resolved against the model's own
+    modules) and computations the tracer ran eagerly on a tensor (described as text)."""
+    reads: dict[tuple[int, str], list] = defaultdict(list)
+    owners: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None:
+                owners[id(t)].append((id(module), attr))
+    for prefix, gm in parts:
+        root = roots[prefix]
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            path, _, attr = str(node.target).rpartition(".")
+            try:
+                owner = root.get_submodule(path) if path else root
+            except AttributeError:
+                continue
+            reads[(id(owner), attr)].append(node)
+        for tensor_id, functions in gm.meta.get(EAGER_READS, {}).items():
+            for key in owners.get(tensor_id, ()):
+                reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")
+    return dict(reads)
+
+
+def analyze(model: nn.Module, traced: nn.Module, *, allow_hooks: bool = False) -> Analysis:
+    """The :class:`Analysis` of ``model`` (its trace is ``traced``, from :func:`fxnorm.trace`)."""
+    parts = list(graph_parts(traced))
+    roots = {prefix: (model.get_submodule(prefix) if prefix else model) for prefix, _ in parts}
+    an = Analysis(model=model, parts=parts, roots=roots, names=module_names(model),
+                  hidden=hidden_references(model), allow_hooks=allow_hooks, global_hooks=global_hooks(),
+                  complete=traced_report(traced).complete)
+    an.reads = _reads(model, parts, roots)
+    return an
+
+
+def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object) -> int:
+    stats = getattr(call_module, "running_mean", None) if call_module is not None else running_mean
+    if stats is not None:
+        return id(stats)  # a module and a functional call on its buffers are the same norm
+    return id(call_module) if call_module is not None else id(node)
+
+
+def norm_calls(an: Analysis, graphs: dict[str, fx.Graph]) -> list[NormCall]:
+    """Every batch-norm-like call in ``graphs`` (the parts' graphs or working copies), graph order."""
+    from ..graph.calls import bind_node, constant_value
+
+    calls = []
+    for prefix, gm in an.parts:
+        for node in graphs[prefix].nodes:
+            found = node_norm_kind(gm, node)
+            if found is None:
+                continue
+            kind, module = found
+            if module is not None:
+                calls.append(NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None),
+                                      module=module))
+                continue
+            scope = scope_name(gm, node)
+            owner_path = str(node.meta.get("fxnorm_scope") or "")
+            try:
+                mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
+            except LookupError:
+                mean = None
+            calls.append(NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
+                                  owner=an.module_at(prefix, owner_path)))
+    return calls
+
+
+def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:
+    """``call_module`` nodes of every part by module identity: ``id -> [(prefix, node name)]``."""
+    sites: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for prefix, gm in an.parts:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                sites[id(gm.get_submodule(str(node.target)))].append((prefix, node.name))
+    return dict(sites)

@@ -1,0 +1,93 @@
+"""What a model really does on example inputs: which modules are called how often, and which calls
+read the tensors a fold would change.
+
+A model traced part by part runs eager glue that symbolic tracing cannot see: it may call a module of
+a traced part directly, or read a weight. :func:`record_run` runs the user's model once (``no_grad``,
+buffers restored afterwards) with a global forward pre-hook that counts module calls and a
+``TorchFunctionMode`` that notes, for each watched tensor, the torch function and the innermost
+module of every call that reads it.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    >>> run = record_run(model, (torch.randn(1, 3, 4, 4),), watched=[model[0].weight])
+    >>> run.calls[id(model[0])], [(f, m is model[0]) for f, m in run.reads[id(model[0].weight)]]
+    (1, [('conv2d', True)])
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import FxNormError
+
+__all__ = ["RunRecord", "record_run"]
+
+
+@dataclass
+class RunRecord:
+    """Module calls and watched-tensor reads of one run."""
+
+    calls: Counter = field(default_factory=Counter)  #: id(module) -> calls
+    #: id(tensor) -> [(torch function name, innermost module running it (None: the top level))]
+    reads: dict[int, list[tuple[str, nn.Module | None]]] = field(default_factory=lambda: defaultdict(list))
+
+
+class _Reads(TorchFunctionMode):
+    def __init__(self, watched: dict[int, torch.Tensor], record: RunRecord, stack: list[nn.Module]) -> None:
+        super().__init__()
+        self.watched, self.record, self.stack = watched, record, stack
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and id(value) in self.watched:
+                scope = self.stack[-1] if self.stack else None
+                self.record.reads[id(value)].append((getattr(func, "__name__", str(func)), scope))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def record_run(model: nn.Module, example_inputs: tuple, *, watched: Iterable[torch.Tensor] = ()) -> RunRecord:
+    """Run ``model(*example_inputs)`` once and record module calls and reads of ``watched`` tensors.
+
+    Raises:
+        FxNormError: the model does not run on ``example_inputs`` (its buffers are restored first).
+    """
+    record = RunRecord()
+    stack: list[nn.Module] = []
+    watch = {id(t): t for t in watched}
+    saved = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+
+    def pre(module: nn.Module, args: Any) -> None:
+        record.calls[id(module)] += 1
+        stack.append(module)
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    from torch.nn.modules import module as module_globals
+
+    handles = [module_globals.register_module_forward_pre_hook(pre),
+               module_globals.register_module_forward_hook(post, always_call=True)]
+    try:
+        with _Reads(watch, record, stack):
+            model(*example_inputs)
+    except Exception as err:
+        raise FxNormError(f"example_inputs do not run through {type(model).__name__}: {type(err).__name__}: "
+                          f"{err}; pass a tuple of the positional arguments model(*example_inputs) accepts") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for buf, value in saved:
+            buf.copy_(value)
+    return record

@@ -75,7 +75,7 @@ def cause_of(err: BaseException) -> str:
 
 
 def details_of(err: BaseException) -> list[str]:
-    """The lines after the first of an fxnorm error (one per layer, for a strict fold); none for others.
+    r"""The lines after the first of an fxnorm error (one per layer, for a strict fold); none for others.
 
     Example:
         >>> from fxnorm.errors import FoldError

@@ -84,10 +84,10 @@ def check_leaves(model: nn.Module, leaves: list[str]) -> None:
     """Every ``--leaf`` names a submodule of ``model`` (a :class:`~fxnorm.errors.UsageError` otherwise).
 
     Example:
-        >>> check_leaves(nn.Sequential(nn.Linear(2, 2)), ["1"])
+        >>> check_leaves(nn.ModuleDict({"conv": nn.Conv2d(1, 1, 1)}), ["cnv"])
         Traceback (most recent call last):
         ...
-        fxnorm.errors.UsageError: --leaf 1: the model has no submodule named '1'. Did you mean 0?
+        fxnorm.errors.UsageError: --leaf cnv: the model has no submodule named 'cnv'. Did you mean conv?
     """
     names = [name for name, _ in model.named_modules() if name]
     for leaf in leaves:

@@ -163,10 +163,23 @@ class Stub:
         return f"<stand-in for {self.stub_of}>"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Imports only the :data:`_REAL` table (and torch dtypes); every other global becomes a Stub."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Imports only the :data:`_REAL` table (and torch dtypes); every other global becomes a Stub.
+    Sets the state (BUILD) of stubs, tensors and plain containers only: never of a class or function.
+
+    (The pure-Python unpickler, whose opcodes can be overridden: checkpoints keep their tensors
+    outside the pickle, so the pickle itself is small.)"""
 
     stubs: dict[str, type] = {}
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def load_build(self) -> None:
+        target = self.stack[-2]
+        if not isinstance(target, (Stub, torch.Tensor, dict, list, set)):
+            raise pickle.UnpicklingError(f"refused to set the state of {type(target).__name__} {target!r:.60}")
+        super().load_build()  # type: ignore[misc]
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 2 (torch.save's) writes Python 2 names (__builtin__.set): map them as pickle does
@@ -223,7 +236,8 @@ def file_cause(err: BaseException) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
     line = one_line(text)
-    damaged = ("Unsupported operand", "invalid load key", "zip archive", "Ran out of input", "unpickling stack")
+    damaged = ("Unsupported operand", "invalid load key", "zip archive", "Ran out of input", "unpickling stack",
+               "magic number")
     if isinstance(err, EOFError) or any(d in line for d in damaged):
         sentence = line.split(". ")[0].rstrip(".")
         detail = "" if not sentence or sentence.startswith("Unsupported operand") else f" ({sentence})"

@@ -171,10 +171,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
     outside the pickle, so the pickle itself is small.)"""
 
     stubs: dict[str, type] = {}
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def load_build(self) -> None:
-        target = self.stack[-2]
+        target = getattr(self, "stack")[-2]  # noqa: B009  (set by load(); typeshed does not declare it)
         if not isinstance(target, (Stub, torch.Tensor, dict, list, set)):
             raise pickle.UnpicklingError(f"refused to set the state of {type(target).__name__} {target!r:.60}")
         super().load_build()  # type: ignore[misc]

@@ -73,6 +73,13 @@ MODELS = textwrap.dedent('''
                              nn.Linear(4, 2), nn.BatchNorm1d(2))
 
 
+    def unfoldable():
+        """A batch norm with a shift, after a relu and before a zero-padded conv: it cannot fold."""
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
+        model[2].running_mean.fill_(0.5)
+        return model
+
+
     def number():
         return 3
 
@@ -263,6 +270,8 @@ CASES = [
          "--leaf layer5: the model has no submodule named 'layer5'. Did you mean layer4"),
     Case("bad-tolerance", ("fold", "--tolerance", "-1"), 2, "argument --tolerance: '-1' must be positive", early=True),
     Case("no-command", (), 2, "the following arguments are required: COMMAND", early=True),
+    Case("strict-fold-names-each-norm", ("fold", "{m}:unfoldable", "--strict", "-o", "{w}/s.pt"), 1,
+         "1 batch norm(s) cannot fold exactly"),  # and one detail line per norm (stderr, JSON "details")
     Case("check-fails", (*FOLD_TINY, "--check", "--tolerance", "1e-30", "-o", "{w}/f.pt"), 1,
          "exceeds the tolerance 1e-30; nothing was saved"),
 ]
@@ -309,8 +318,13 @@ def test_bad_input(case: Case, models: tuple[str, Path], workspace: Path, capfd:
     out, err = capfd.readouterr()
     _check(case, workspace, before, code, err, models[0])
     report = json.loads(out)  # stdout is one JSON object
-    cause = next(line for line in err.splitlines() if line.startswith("fxnorm: error: "))
-    assert report["error"] == cause[len("fxnorm: error: "):] and report["exit"] == case.exit
+    lines = err.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("fxnorm: error: "))
+    assert report["error"] == lines[at][len("fxnorm: error: "):] and report["exit"] == case.exit
+    details = [line.strip() for line in lines[at + 1:] if line.strip() and not line.startswith("(run with --verbose")]
+    assert report.get("details", []) == details
+    if case.id == "strict-fold-names-each-norm":
+        assert details[0].startswith("- 2 (BatchNorm2d): ") and not details[1].startswith("-")
 
 
 def _env(models: tuple[str, Path]) -> dict[str, str]:

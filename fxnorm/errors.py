@@ -23,7 +23,9 @@ __all__ = [
     "NonFiniteStatistics",
     "ModelLoadError",
     "UnknownModelError",
+    "UnsafeFileError",
     "UsageError",
+    "OutputError",
     "MissingExtraError",
 ]
 
@@ -60,8 +62,20 @@ class UnknownModelError(ModelLoadError):
     """``MODEL`` is not one of the accepted forms, or names nothing (the CLI exits with status 2)."""
 
 
+class UnsafeFileError(ModelLoadError):
+    """A ``MODEL`` file needs a class outside fxnorm's allow-list of safe classes to be unpickled.
+
+    Unpickling it could run any code the file holds, so the CLI refuses it unless the user passes
+    ``--trust-file``; the message names the class and the safe alternatives.
+    """
+
+
 class UsageError(FxNormError):
     """A bad command-line argument found after parsing (the CLI exits with status 2)."""
+
+
+class OutputError(FxNormError):
+    """An output file of the CLI could not be written; no output of the run was left behind."""
 
 
 class MissingExtraError(FxNormError, ImportError):

@@ -1,5 +1,10 @@
-"""What each ``fxnorm`` subcommand does once its arguments are parsed: ``inspect``, ``fold``,
-``recalibrate`` and ``reset`` (``run_*``), with the loading, checking and printing they share.
+"""What ``fxnorm inspect`` and ``fxnorm fold`` do once their arguments are parsed (``run_*``), with
+the tables and example inputs they share (``recalibrate`` and ``reset`` are in
+:mod:`fxnorm.cli.statistics`).
+
+Every command checks what it can before loading the model (:func:`fxnorm.cli.preflight.preflight`),
+runs the model once on its example inputs before any pass (a failure names the layer), holds what
+library code prints on stderr, and writes its outputs all or none (:mod:`fxnorm.cli.outputs`).
 
 Example:
     >>> import argparse
@@ -10,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -18,57 +22,37 @@ import torch
 import torch.nn as nn
 
 from ..errors import FxNormError, MissingExtraError, UsageError
-from ..graph.tracing import trace, traced_report
+from ..graph.tracing import TraceReport, trace
 from ..inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
 from ..inspection.sites import find_norms
 from ..reports import report_of
 from .console import EXIT_FAILURE, EXIT_OK, Console
-from .loading import default_input_shape, example_inputs, load_model, load_weights, save_model
+from .loading import default_input_shape, example_inputs, model_name
+from .outputs import write_outputs
+from .preflight import load, preflight, shape_text
+from .running import flatten_outputs, relative_error, run_model
 
-__all__ = ["EXPORTERS", "relative_error", "run_inspect", "run_fold", "run_recalibrate", "run_reset"]
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:0...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
+__all__ = ["EXPORTERS", "relative_error", "run_inspect", "run_fold", "table", "model_inputs"]
 
 
-def _check_output(path: str | None) -> None:
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {path}: directory {folder} does not exist")
-
-
-def _load(args: argparse.Namespace, console: Console) -> tuple[nn.Module, str, torch.device]:
-    device = _device(args.device)
-    _check_output(getattr(args, "output", None))
-    console.log(f"loading {args.model}")
-    model, name = load_model(args.model)
-    if args.weights:
-        load_weights(model, args.weights)
-        console.log(f"loaded weights from {args.weights}")
-    model = model.to(device).eval()
-    return model, name, device
-
-
-def _inputs(model: nn.Module, shape: tuple[int, ...] | None, device: torch.device, need: str) -> tuple:
-    shape = shape or default_input_shape(model)
+def model_inputs(model: nn.Module, args: argparse.Namespace, device: torch.device,
+                 need: str) -> tuple[tuple, Any, tuple[int, ...]]:
+    """Random example inputs of ``--input-shape`` (or the model's default shape), the model's output
+    on them and the shape: a model that does not run on them fails here, naming the layer, before any pass."""
+    shape = args.input_shape or default_input_shape(model)
     if shape is None:
         raise UsageError(f"{need} needs example inputs: pass --input-shape (e.g. 1,3,224,224)")
     try:
-        return example_inputs(model, shape, device=device)
+        inputs = example_inputs(model, shape, device=device)
     except FxNormError as err:
         raise UsageError(str(err)) from None
+    remedy = "pass an --input-shape the model takes" + ("" if args.input_shape else " (this is the default shape)")
+    output = run_model(model, inputs, f"running {args.model} on inputs of shape {shape_text(shape)}", remedy)
+    return inputs, output, tuple(shape)
 
 
-def _table(sites: list, args: argparse.Namespace) -> str:
+def table(sites: list, args: argparse.Namespace) -> str:
+    """The table of ``sites`` in ``--tablefmt``, reasons shortened unless ``--wide``."""
     return format_table(sites, tablefmt=args.tablefmt, max_reason=10_000 if args.wide else 90)
 
 
@@ -79,65 +63,22 @@ def _untraced_table(untraced: list, args: argparse.Namespace) -> str:
             + format_untraced(untraced, tablefmt=args.tablefmt))
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
-    return []
-
-
-def relative_error(out: Any, ref: Any) -> float:
-    """``max|out - ref| / max|ref|`` over every tensor of two (nested) outputs, in float64.
-
-    Raises:
-        FxNormError: the outputs differ in structure or shape.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
-        0.5
-    """
-    xs, ys = _flatten(out), _flatten(ref)
-    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
-        raise FxNormError("the folded model's outputs differ in structure or shape from the original's")
-    diff = ref_max = 0.0
-    for x, y in zip(xs, ys):
-        if x.numel() == 0:
-            continue
-        x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
-        diff = max(diff, float((x64 - y64).abs().max()))
-        ref_max = max(ref_max, float(y64.abs().max()))
-    if diff == 0.0:
-        return 0.0
-    return diff / ref_max if ref_max > 0 else float("inf")
-
-
-def _run(model: nn.Module, inputs: tuple) -> Any:
-    with torch.no_grad():
-        return model(*inputs)
-
-
 def run_inspect(args: argparse.Namespace, console: Console) -> int:
-    model, _, device = _load(args, console)
-    traced = trace(model, leaf_modules=tuple(args.leaf))
-    if args.input_shape is not None:
-        from ..graph.shapes import record_shapes
+    device = preflight(args, {})
+    model, _ = load(args, console, device)
+    inputs = model_inputs(model, args, device, "--input-shape")[0] if args.input_shape is not None else None
+    with console.library():
+        traced = trace(model, leaf_modules=tuple(args.leaf))
+        if inputs is not None:
+            from ..graph.shapes import record_shapes
 
-        try:
-            record_shapes(traced, _inputs(model, args.input_shape, device, "--input-shape"))
-        except FxNormError:
-            raise
-        except Exception as err:
-            raise FxNormError(f"running {args.model} on inputs of shape {args.input_shape} failed: "
-                              f"{type(err).__name__}: {err}") from err
-    sites = find_norms(traced)
-    untraced = traced_report(traced).untraced
+            record_shapes(traced, inputs)
+        sites = find_norms(traced)
+        untraced = report_of(traced, TraceReport).untraced
     if args.format == "json":
         console.json(report_dict(args.model, sites, untraced))
         return EXIT_OK
-    console.out(_table(sites, args) if sites else "no normalization layers found")
+    console.out(table(sites, args) if sites else "no normalization layers found")
     if untraced:
         console.out()
         console.out(_untraced_table(untraced, args))
@@ -194,16 +135,13 @@ def _check_extras(exports: dict[str, str]) -> None:
             raise MissingExtraError(f"--{flag} {path}: {err}; nothing was loaded or saved") from err
 
 
-def _check_fold(model: nn.Module, folded: nn.Module, inputs: tuple | None, args: argparse.Namespace,
+def _check_fold(reference: Any, folded: nn.Module, inputs: tuple, shape: tuple[int, ...], args: argparse.Namespace,
                 console: Console) -> dict[str, Any]:
-    """``--check``: both models on the same random inputs; the relative error against the tolerance."""
-    console.log(f"checking on random inputs of shape {args.input_shape or default_input_shape(model)}")
-    try:
-        ref, out = _run(model, inputs or ()), _run(folded, inputs or ())
-    except Exception as err:
-        raise FxNormError(f"running the models for --check failed: {type(err).__name__}: {err}") from err
-    err_value = relative_error(out, ref)
-    elements = sum(t.numel() for t in _flatten(ref))
+    """``--check``: the folded model on the inputs the model ran on; the relative error against the tolerance."""
+    console.log(f"checking on random inputs of shape {shape_text(shape)}")
+    out = run_model(folded, inputs, "running the folded model for --check")
+    err_value = relative_error(out, reference)
+    elements = sum(t.numel() for t in flatten_outputs(reference))
     if elements == 0:
         console.log("warning: the outputs hold no values (a detection model finds nothing on random "
                     "inputs?): --check compared nothing")
@@ -215,7 +153,7 @@ def _print_fold(console: Console, args: argparse.Namespace, before: list, after:
                 report: Any, check: dict[str, Any] | None, saved: list[str]) -> None:
     """The table report of ``fxnorm fold``: the norms before, what folded, the norms after, the check."""
     console.out(f"before: {format_summary(before, untraced)}")
-    console.out(_table(before, args) if before else "no normalization layers found")
+    console.out(table(before, args) if before else "no normalization layers found")
     if untraced:
         console.out()
         console.out(_untraced_table(untraced, args))
@@ -225,7 +163,7 @@ def _print_fold(console: Console, args: argparse.Namespace, before: list, after:
                 f"{len(report.skipped)} skipped")
     console.out(f"after:  {format_summary(after, untraced)}")
     if after:
-        console.out(_table(after, args))
+        console.out(table(after, args))
     if check is not None:
         verdict = "ok" if check["passed"] else "FAILED"
         console.out(f"check: max|folded - original| / max|original| = {check['rel_err']:.3g} "
@@ -234,115 +172,57 @@ def _print_fold(console: Console, args: argparse.Namespace, before: list, after:
         console.out(f"saved {', '.join(saved)}")
 
 
+def _save_folded(folded: nn.Module, inputs: tuple | None, output: str, exports: dict[str, str],
+                 console: Console) -> list[str]:
+    """Write ``-o`` and every export, all or none."""
+    writers: list[tuple[str, Callable[[str], object]]] = [(output, lambda tmp: torch.save(folded, tmp))]
+    for flag, path in exports.items():
+        writers.append((path, lambda tmp, write=EXPORTERS[flag].write: write(folded, inputs, tmp)))  # type: ignore[misc]
+    with console.library():  # torch.export and the ONNX exporter log whole graphs when they fail
+        saved = write_outputs(writers)
+    console.saved += saved
+    for path in saved:
+        console.log(f"saved {path}")
+    return saved
+
+
 def run_fold(args: argparse.Namespace, console: Console) -> int:
     from ..folding.apply import fold
     from ..folding.report import FoldReport
 
     exports = {flag: getattr(args, flag) for flag in EXPORTERS if getattr(args, flag, None)}
+    output = args.output or f"{model_name(args.model)}-folded.pt"
+    device = preflight(args, {"-o": output, **{f"--{flag}": path for flag, path in exports.items()}})
     _check_extras(exports)
-    model, name, device = _load(args, console)
-    output = args.output or f"{name}-folded.pt"
-    need_inputs = args.check or args.input_shape is not None or bool(exports)
-    inputs = _inputs(model, args.input_shape, device, "--check/--export/--onnx") if need_inputs else None
-    for path in (output, *exports.values()):
-        _check_output(path)
-
-    before_traced = trace(model, leaf_modules=tuple(args.leaf))
-    before = find_norms(before_traced)
-    untraced = traced_report(before_traced).untraced
+    model, _ = load(args, console, device)
+    inputs, reference, shape = None, None, tuple[int, ...]()
+    if args.check or args.input_shape is not None or exports:
+        inputs, reference, shape = model_inputs(model, args, device, "--check/--export/--onnx")
     console.log("folding")
-    folded = fold(model, strict=args.strict, standalone=args.standalone, norm_affine=args.norm_affine,
-                  example_inputs=inputs if args.input_shape is not None else None, leaf_modules=tuple(args.leaf))
-    report = report_of(folded, FoldReport)
-    after = find_norms(folded)
-
-    check = _check_fold(model, folded, inputs, args, console) if args.check else None
-
+    with console.library():
+        before_traced = trace(model, leaf_modules=tuple(args.leaf))
+        before, untraced = find_norms(before_traced), report_of(before_traced, TraceReport).untraced
+        folded = fold(model, strict=args.strict, standalone=args.standalone, norm_affine=args.norm_affine,
+                      example_inputs=inputs if args.input_shape is not None else None, leaf_modules=tuple(args.leaf))
+        report = report_of(folded, FoldReport)
+        after = find_norms(folded)
+    check = _check_fold(reference, folded, inputs, shape, args, console) if args.check and inputs is not None else None
     passed = check is None or check["passed"]
-    if passed:
-        save_model(folded, output)
-        console.log(f"saved {output}")
-        for flag, path in exports.items():
-            EXPORTERS[flag].write(folded, inputs, path)  # type: ignore[arg-type]
-            console.log(f"saved {path}")
-
-    if args.format == "json":
-        console.json({
-            "model": args.model,
-            "output": output if passed else None,
-            "before": {"norms": [s.to_dict() for s in before], "summary": summarize(before, untraced)},
-            "after": {"norms": [s.to_dict() for s in after], "summary": summarize(after, untraced)},
-            "fold": report.to_dict(),
-            "check": check,
-            "exports": exports if passed else {},
-        })
-    else:
-        _print_fold(console, args, before, after, untraced, report, check, [output, *exports.values()] if passed else [])
+    saved = _save_folded(folded, inputs, output, exports, console) if passed else []
+    payload = {
+        "model": args.model,
+        "output": output if passed else None,
+        "before": {"norms": [s.to_dict() for s in before], "summary": summarize(before, untraced)},
+        "after": {"norms": [s.to_dict() for s in after], "summary": summarize(after, untraced)},
+        "fold": report.to_dict(),
+        "check": check,
+        "exports": exports if passed else {},
+    }
+    if args.format == "json" and passed:
+        console.json(payload)
+    elif args.format != "json":
+        _print_fold(console, args, before, after, untraced, report, check, saved)
     if not passed:
-        console.log(f"fxnorm fold: error: relative error {check['rel_err']:.3g} exceeds the tolerance "  # type: ignore[index]
-                    f"{args.tolerance:g}; nothing was saved")
-        return EXIT_FAILURE
-    return EXIT_OK
-
-
-def _select(args: argparse.Namespace) -> Any:
-    if not args.select:
-        return None
-    return args.select[0] if len(args.select) == 1 else list(args.select)
-
-
-def run_recalibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..calibration.recalibration import recalibrate
-    from ..calibration.report import CalibrationReport
-    from .images import IMAGENET_MEAN, IMAGENET_STD, calibration_data
-
-    if not os.path.exists(args.data):
-        raise UsageError(f"--data {args.data}: no such file or folder (give a folder of images or a .pt file)")
-    model, _, device = _load(args, console)
-    data = calibration_data(args.data, batch_size=args.batch_size, image_size=args.image_size,
-                            mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD)
-    console.log(f"recalibrating on {args.data} ({len(data)} batch(es) available)")
-    model = recalibrate(model, data, num_batches=args.num_batches, device=device, progress=console.progress,
-                        select=_select(args))
-    report = report_of(model, CalibrationReport)
-    save_model(model, args.output)
-    console.log(f"saved {args.output}")
-    if args.format == "json":
-        console.json({"model": args.model, "output": args.output, "calibration": report.to_dict()})
-        return EXIT_OK
-    rows = [[s.name, s.kind, s.batches, f"{s.mean_shift:.3g}", f"{s.var_ratio:.3g}"] for s in report.moved_most(args.top)]
-    from tabulate import tabulate
-
-    console.out(f"recalibrated {len(report.layers)} norm(s) on {report.num_batches} batch(es), "
-                f"{report.num_samples} sample(s)")
-    if rows:
-        console.out("statistics that moved most (mean shift in old standard deviations; |log var ratio|):")
-        console.out(tabulate(rows, headers=["norm", "kind", "batches", "mean shift", "var change"],
-                             tablefmt=args.tablefmt))
-    for label, names in (("not reached by the forward", report.unreached), ("unusable", report.unusable)):
-        if names:
-            console.out(f"{len(names)} norm(s) {label} (left as they were): {', '.join(names[:10])}"
-                        + (", ..." if len(names) > 10 else ""))
-    for norm, why in report.unsupported.items():
-        console.out(f"not recalibrated: {norm}: {why}")
-    console.out(f"saved {args.output}")
-    return EXIT_OK
-
-
-def run_reset(args: argparse.Namespace, console: Console) -> int:
-    from ..calibration.recalibration import reset
-    from ..calibration.report import ResetReport
-
-    model, _, _ = _load(args, console)
-    model = reset(model, select=_select(args))
-    names = report_of(model, ResetReport).names
-    save_model(model, args.output)
-    console.log(f"saved {args.output}")
-    if args.format == "json":
-        console.json({"model": args.model, "output": args.output, "reset": list(names)})
-        return EXIT_OK
-    console.out(f"reset the running statistics of {len(names)} norm(s):")
-    for n in names:
-        console.out(f"  {n}")
-    console.out(f"saved {args.output}")
+        return console.fail(f"relative error {check['rel_err']:.3g} exceeds the tolerance {args.tolerance:g}; "  # type: ignore[index]
+                            "nothing was saved", EXIT_FAILURE, report=payload)
     return EXIT_OK

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import DataError
+from .console import cause_of
+from .unpickling import file_cause
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,6 +35,7 @@ __all__ = [
     "ImageFolderBatches",
     "TensorBatches",
     "find_images",
+    "per_channel",
     "load_image",
     "calibration_data",
 ]
@@ -88,7 +91,7 @@ def load_image(path: str, image_size: int = 224, mean: Sequence[float] = IMAGENE
     try:
         img = _decode(path)
     except Exception as err:
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        raise DataError(f"cannot read image {path}: {cause_of(err)}") from err
     resize = int(math.floor(image_size * 256 / 224))
     img = TF.resize(img, [resize], antialias=True)
     img = TF.center_crop(img, [image_size, image_size])
@@ -140,6 +143,26 @@ class TensorBatches:
         return iter(self.batches)
 
 
+def per_channel(values: Sequence[float], name: str = "mean") -> tuple[float, float, float]:
+    """Three values (R, G, B) from 3, or from 1 that applies to every channel; finite (``std`` positive).
+
+    Raises:
+        DataError: another number of values, NaN/Inf, or a ``std`` that is not positive.
+
+    Example:
+        >>> per_channel([0.5]), per_channel((0.1, 0.2, 0.3), "std")
+        ((0.5, 0.5, 0.5), (0.1, 0.2, 0.3))
+    """
+    values = [float(v) for v in values]
+    if len(values) not in (1, 3):
+        raise DataError(f"{name} needs 3 values (R G B) or 1 for every channel, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"{name} values must be finite numbers, got {values}")
+    if name.lstrip("-") == "std" and any(v <= 0 for v in values):
+        raise DataError(f"{name} values must be positive, got {values}")
+    return (values[0], values[0], values[0]) if len(values) == 1 else (values[0], values[1], values[2])
+
+
 def _check_tensor(t: object, where: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DataError(f"{where} is a {type(t).__name__}, not a tensor")
@@ -157,7 +180,7 @@ def _tensor_batches(path: str, batch_size: int) -> TensorBatches:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DataError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise DataError(f"cannot read {path}: {file_cause(err)}") from err
     if isinstance(obj, torch.Tensor):
         t = _check_tensor(obj, f"the tensor in {path}")
         return TensorBatches(list(torch.split(t, batch_size)))
@@ -180,7 +203,7 @@ def calibration_data(
 
     Raises:
         DataError: no such path, no image in the folder, an unreadable file, an empty or non-float
-            tensor, NaN/Inf, bad ``batch_size``/``image_size``/``mean``/``std``.
+            tensor, NaN/Inf, bad ``batch_size``/``image_size``/``mean``/``std`` (one value or three each).
 
     Example:
         >>> import torch, tempfile, os
@@ -193,10 +216,7 @@ def calibration_data(
         raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image size must be a positive integer, got {image_size!r}")
-    if len(mean) != len(std) or len(mean) not in (1, 3):
-        raise DataError(f"mean and std need 3 values (or 1 for all channels), got {len(mean)} and {len(std)}")
-    if any(s <= 0 for s in std):
-        raise DataError(f"std values must be positive, got {list(std)}")
+    mean, std = per_channel(mean, "mean"), per_channel(std, "std")
     if os.path.isdir(path):
         files = find_images(path)
         if not files:

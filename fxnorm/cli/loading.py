@@ -7,8 +7,9 @@ example inputs: everything the CLI does with models besides the passes themselve
   ``weights_backbone=None`` where the builder takes it): nothing is ever downloaded.
 - ``package.module:callable``: an importable factory called with no argument (a function, a module
   class, or an ``nn.Module`` instance used as is). The current directory is importable.
-- a path to a file saved with ``torch.save(model)`` (loaded with ``weights_only=False``: only load
-  files you trust).
+- a path to a file saved with ``torch.save(model)``, read without running code from it: it may name
+  only the classes of :func:`fxnorm.cli.unpickling.safe_classes` (torch.nn, torchvision, fxnorm)
+  unless ``trust_file=True`` (``--trust-file``) unpickles it fully.
 
 Example:
     >>> model, name = load_model("torchvision:resnet18")
@@ -20,21 +21,26 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import ModelLoadError, UnknownModelError
+from .console import cause_of
+from .outputs import write_outputs
+from .unpickling import article, describe, load_model_file, read_checkpoint, state_dict_in
 
 __all__ = [
     "MODEL_FORMS",
     "load_model",
+    "model_name",
     "load_weights",
     "save_model",
     "model_family",
@@ -45,7 +51,8 @@ __all__ = [
 #: What ``MODEL`` may be, for error messages and ``--help``.
 MODEL_FORMS = (
     "MODEL is one of: torchvision:<name> (e.g. torchvision:resnet18, built without weights), "
-    "package.module:callable (a factory returning an nn.Module), or a file saved with torch.save(model)"
+    "package.module:callable (a factory returning an nn.Module), or a file saved with torch.save(model) "
+    "(only torch.nn/torchvision/fxnorm classes unless --trust-file)"
 )
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -73,7 +80,7 @@ def _build_torchvision(name: str) -> nn.Module:
     try:
         return builder(**kwargs)
     except Exception as err:
-        raise ModelLoadError(f"building torchvision:{name} failed: {type(err).__name__}: {err}") from err
+        raise ModelLoadError(f"building torchvision:{name} failed: {cause_of(err)}") from err
 
 
 def _call_factory(spec: str) -> nn.Module:
@@ -83,6 +90,8 @@ def _call_factory(spec: str) -> nn.Module:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
+        if err.name and not (module_name + ".").startswith(err.name + ".") and importlib.util.find_spec(module_name.split(".")[0]):
+            raise ModelLoadError(f"importing {module_name} for MODEL {spec!r} failed: {cause_of(err)}") from err
         raise UnknownModelError(f"cannot import {module_name!r} for MODEL {spec!r}: {err}. {MODEL_FORMS}") from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -91,34 +100,48 @@ def _call_factory(spec: str) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
-        raise UnknownModelError(f"{spec} is a {type(obj).__name__}, not a callable returning an nn.Module")
+        raise UnknownModelError(f"{spec} is {article(type(obj).__name__)}, not a callable returning an nn.Module")
     try:
         model = obj()
     except Exception as err:
-        raise ModelLoadError(f"calling {spec}() failed: {type(err).__name__}: {err}") from err
+        raise ModelLoadError(f"calling {spec}() failed: {cause_of(err)}") from err
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+        raise ModelLoadError(f"{spec}() returned {article(type(model).__name__)}, not an nn.Module")
     return model
 
 
-def _load_file(path: str) -> nn.Module:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+def _load_file(path: str, trust_file: bool) -> nn.Module:
+    obj = load_model_file(path, trust=trust_file)
     if isinstance(obj, nn.Module):
         return obj
-    if isinstance(obj, Mapping):
-        raise ModelLoadError(f"{path} holds a {type(obj).__name__} (a state_dict?), not a model: give the "
-                             "architecture as MODEL and this file with --weights")
-    raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not an nn.Module saved with torch.save(model)")
+    if state_dict_in(obj):
+        raise ModelLoadError(f"{path} holds {describe(obj)} (a state_dict), not a model: give the architecture "
+                             f"as MODEL and this file with --weights (e.g. torchvision:resnet18 --weights {path})")
+    raise ModelLoadError(f"{path} holds {describe(obj)}, not an nn.Module saved with torch.save(model)")
 
 
-def load_model(spec: str) -> tuple[nn.Module, str]:
+def model_name(spec: str) -> str:
+    """The short name of ``spec`` (for ``<name>-folded.pt``), known before anything is loaded.
+
+    Example:
+        >>> model_name("torchvision:resnet18"), model_name("pkg.models:build_net"), model_name("ckpt/m.pt")
+        ('resnet18', 'build_net', 'm')
+    """
+    if spec.startswith("torchvision:"):
+        return spec.split(":", 1)[1]
+    if not os.path.isfile(spec) and _FACTORY.match(spec):
+        return spec.rpartition(":")[2].split(".")[-1]
+    return os.path.splitext(os.path.basename(spec))[0]
+
+
+def load_model(spec: str, *, trust_file: bool = False) -> tuple[nn.Module, str]:
     """Build or load the model ``spec`` names, and a short display name for it.
+
+    A file is read without running code from it unless ``trust_file`` (see the module doc).
 
     Raises:
         UnknownModelError: ``spec`` is in none of the :data:`MODEL_FORMS` or names nothing.
+        UnsafeFileError: a file that names classes outside the allow-list, without ``trust_file``.
         ModelLoadError: the model exists but building or loading it failed.
 
     Example:
@@ -129,12 +152,11 @@ def load_model(spec: str) -> tuple[nn.Module, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise UnknownModelError(f"no MODEL given. {MODEL_FORMS}")
     if spec.startswith("torchvision:"):
-        name = spec.split(":", 1)[1]
-        return _build_torchvision(name), name
+        return _build_torchvision(spec.split(":", 1)[1]), model_name(spec)
     if os.path.isfile(spec):
-        return _load_file(spec), os.path.splitext(os.path.basename(spec))[0]
+        return _load_file(spec, trust_file), model_name(spec)
     if _FACTORY.match(spec):
-        return _call_factory(spec), spec.rpartition(":")[2].split(".")[-1]
+        return _call_factory(spec), model_name(spec)
     if os.path.exists(spec):
         raise UnknownModelError(f"{spec} is a directory, not a file saved with torch.save(model)")
     hint = ""
@@ -145,23 +167,24 @@ def load_model(spec: str) -> tuple[nn.Module, str]:
     raise UnknownModelError(f"unknown MODEL {spec!r}.{hint} {MODEL_FORMS}")
 
 
-def _unwrap_state_dict(obj: Any) -> Any:
-    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model_state_dict", "model", "module"):
-            if isinstance(obj.get(key), Mapping):
-                return obj[key]
-    return obj
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` of DataParallel and the ``_orig_mod.`` of torch.compile from every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:
     """Load the state_dict in ``path`` into ``model`` (strictly: every key must match).
 
-    Checkpoints that wrap the state_dict (``{"state_dict": ...}``, ``{"model": ...}``) and keys
-    prefixed with ``module.`` (``DataParallel``) are accepted. The file is read with
-    ``weights_only=True``.
+    ``path`` is read without running code from it (:func:`fxnorm.cli.unpickling.read_checkpoint`):
+    a state_dict, a checkpoint holding one under ``state_dict``, ``model``... (torchvision's reference
+    scripts save ``{"model": ..., "args": argparse.Namespace, ...}``) or a whole pickled model. Keys
+    prefixed with ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) are accepted.
 
     Raises:
-        ModelLoadError: unreadable file, not a state_dict, or keys/shapes that do not match; the
+        ModelLoadError: unreadable file, no state_dict in it, or keys/shapes that do not match; the
             model is unchanged.
 
     Example:
@@ -173,15 +196,13 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
     """
     if not os.path.isfile(path):
         raise ModelLoadError(f"weights file {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"cannot read weights {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
-    state = _unwrap_state_dict(obj)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    checkpoint = read_checkpoint(path)
+    found = state_dict_in(checkpoint)
+    if not found:
+        raise ModelLoadError(f"{path} holds {describe(checkpoint)} and no state_dict (a mapping of names to "
+                             "tensors, itself or under 'state_dict', 'model'...): save one with "
+                             f"torch.save(model.state_dict(), {path!r})")
+    state = _strip_prefix(found)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -198,28 +219,20 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
 
 
 def save_model(model: nn.Module, path: str) -> str:
-    """``torch.save(model, path)``; load it back with ``torch.load(path, weights_only=False)``.
+    """``torch.save(model, path)`` through a temporary file renamed into place (nothing is left
+    behind when it fails or is interrupted); ``fxnorm`` reads it back as ``MODEL`` when it holds only
+    torch/torchvision/fxnorm classes, Python with ``torch.load(path, weights_only=False)``.
 
     Raises:
-        ModelLoadError: the file cannot be written (no such directory, permissions, unpicklable model).
+        OutputError: the file cannot be written (no such directory, permissions, unpicklable model).
 
     Example:
         >>> import torch.nn as nn, tempfile, os
         >>> path = save_model(nn.Linear(2, 2), os.path.join(tempfile.mkdtemp(), "m.pt"))
-        >>> os.path.isfile(path)
-        True
+        >>> os.listdir(os.path.dirname(path))
+        ['m.pt']
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"cannot write {path}: directory {folder} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(model, tmp)
-        os.replace(tmp, path)
-    except Exception as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ModelLoadError(f"cannot save the model to {path}: {type(err).__name__}: {err}") from err
+    write_outputs([(path, lambda tmp: torch.save(model, tmp))])
     return path
 
 

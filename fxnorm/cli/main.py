@@ -1,8 +1,10 @@
 """The ``fxnorm`` command line: ``inspect``, ``fold``, ``recalibrate`` and ``reset``.
 
 Reports go to stdout (a table, or with ``--format json`` one JSON object and nothing else); logs
-and progress bars go to stderr. Exit status: 0 success, 1 failure (a one-line cause; the traceback
-with ``--verbose``), 2 bad arguments or unknown model (the message says which forms are accepted).
+and progress bars go to stderr. Exit status (:mod:`fxnorm.cli.console`): 0 success, 1 failure (a
+one-line cause; the traceback with ``--verbose``), 2 bad arguments, unknown model or unusable
+output path (found before any work), 130 Ctrl-C, 141 stdout closed by its reader. With
+``--format json`` an error is a JSON object on stdout too: ``{"error": ..., "exit": ...}``.
 
 Example:
     >>> main(["inspect", "torchvision:resnet18", "--format", "json"])    # doctest: +SKIP
@@ -15,23 +17,31 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import FxNormError, UnknownModelError, UsageError
 from ..version import __version__
-from .commands import EXPORTERS, run_fold, run_inspect, run_recalibrate, run_reset
-from .console import EXIT_FAILURE, EXIT_USAGE, Console
+from .commands import EXPORTERS, run_fold, run_inspect
+from .console import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Console, cause_of, details_of
 from .loading import MODEL_FORMS
+from .statistics import run_recalibrate, run_reset
 
 __all__ = ["main", "build_parser", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "torchvision:resnet18"
+
+_EXITS = ("Exit status: 0 success, 1 failure, 2 bad arguments (found before any work), 130 interrupted, "
+          "141 stdout closed by its reader.")
+_EPILOG = (f"{_EXITS} A MODEL file may name only torch.nn, torchvision and fxnorm classes unless --trust-file "
+           "(unpickling runs the code a file names).")
+_READ_BACK = "fxnorm reads it back as MODEL; Python: torch.load(OUT, weights_only=False) for a file you trust"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting on a bad argument (so ``main`` returns 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------- args
@@ -67,53 +77,57 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _tablefmt(text: str) -> str:
+    from tabulate import tabulate_formats
+
+    if text not in tabulate_formats:
+        raise argparse.ArgumentTypeError(f"unknown table format {text!r} (one of: {', '.join(sorted(tabulate_formats))})")
+    return text
+
+
 def _common(p: argparse.ArgumentParser, *, model_default: str | None, report: bool = True) -> None:
     if model_default is None:
         p.add_argument("model", metavar="MODEL", help=MODEL_FORMS)
     else:
         p.add_argument("model", metavar="MODEL", nargs="?", default=model_default,
                        help=f"{MODEL_FORMS} (default: {model_default})")
-    p.add_argument("--weights", metavar="FILE", help="load this state_dict into the model (strict)")
+    p.add_argument("--weights", metavar="FILE", help="load this state_dict into the model (strict); read without "
+                   "running code from the file, also from training checkpoints ({'model': ..., 'args': ...})")
+    p.add_argument("--trust-file", action="store_true", help="MODEL is a file you trust: unpickle it fully, "
+                   "which runs any code it holds (without this flag a MODEL file may name only torch.nn, "
+                   "torchvision and fxnorm classes)")
     p.add_argument("--device", default="cpu", help="device to run on: cpu, cuda, cuda:1... (default: cpu)")
     p.add_argument("--leaf", action="append", default=[], metavar="NAME",
                    help="qualified name of a submodule the tracer must keep opaque (repeatable)")
     if report:
         p.add_argument("--format", choices=("table", "json"), default="table",
                        help="table (default) or one JSON object on stdout")
-        p.add_argument("--tablefmt", default="simple", help="tabulate table format (simple, github, grid...)")
+        p.add_argument("--tablefmt", default="simple", type=_tablefmt,
+                       help="tabulate table format (simple, github, grid...)")
         p.add_argument("--wide", action="store_true", help="do not shorten the reasons in tables")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     p.add_argument("-q", "--quiet", action="store_true", help="no logs or progress bars on stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fxnorm`` command.
-
-    Example:
-        >>> build_parser().parse_args(["inspect"]).model
-        'torchvision:resnet18'
-    """
-    parser = _Parser(prog="fxnorm", description="Inspect, fold, reset and recalibrate the normalization "
-                     "layers of PyTorch models.", epilog=MODEL_FORMS)
-    parser.add_argument("--version", action="version", version=f"fxnorm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="list every normalization layer, where it can fold or why not",
                        description="List every normalization layer of MODEL, where each can fold or why not, "
-                       "and the parts of the model that could not be traced.")
+                       "and the parts of the model that could not be traced.", epilog=_EPILOG)
     _common(p, model_default=DEFAULT_MODEL)
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="run one forward on random inputs of this shape (e.g. 1,3,224,224) to record tensor "
                    "ranks; decides Linear -> BatchNorm1d folds")
     p.set_defaults(run=run_inspect)
 
+
+def _add_fold(sub: Any) -> None:
     p = sub.add_parser("fold", help="fold batch norms into neighbouring conv/linear layers and save the model",
                        description="Fold every batch norm of MODEL that folds exactly into a neighbouring "
-                       "conv/linear layer, print what folded (and why the rest did not), save the model.")
+                       "conv/linear layer, print what folded (and why the rest did not), save the model.",
+                       epilog=_EPILOG)
     _common(p, model_default=DEFAULT_MODEL)
     p.add_argument("-o", "--output", metavar="OUT.pt", help="where to save the folded model "
-                   "(default: <name>-folded.pt); load it with torch.load(OUT, weights_only=False)")
+                   f"(default: <name>-folded.pt); {_READ_BACK}")
     p.add_argument("--check", action="store_true", help="run the model and the folded model on the same random "
                    "inputs; exit 1 if max|a-b|/max|b| exceeds --tolerance")
     p.add_argument("--tolerance", type=_positive_float, default=1e-4, help="for --check (default: 1e-4)")
@@ -129,30 +143,55 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", metavar="FILE", help=exporter.help)
     p.set_defaults(run=run_fold)
 
+
+def _add_recalibrate(sub: Any) -> None:
     p = sub.add_parser("recalibrate", help="recompute batch norm statistics from calibration data",
                        description="Recompute the running statistics of MODEL's norms from calibration data "
-                       "(exact pooled mean and variance) and save the model.")
+                       "(exact pooled mean and variance) and save the model.", epilog=_EPILOG)
     _common(p, model_default=None)
     p.add_argument("--data", required=True, metavar="PATH",
                    help="a folder of images (class subfolders or flat) or a .pt file with a tensor or a list of tensors")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="where to save the recalibrated model")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.pt",
+                   help=f"where to save the recalibrated model; {_READ_BACK}")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default: 32)")
     p.add_argument("--num-batches", type=_positive_int, help="stop after this many batches (default: all)")
-    p.add_argument("--image-size", type=_positive_int, default=224, help="crop size for image folders (default: 224)")
-    p.add_argument("--mean", type=float, nargs="+", help="normalization mean (default: ImageNet's)")
-    p.add_argument("--std", type=float, nargs="+", help="normalization std (default: ImageNet's)")
+    p.add_argument("--image-size", type=_positive_int, help="crop size for image folders (default: 224)")
+    p.add_argument("--mean", type=float, nargs="+", help="normalization mean of image folders: 3 values (R G B) or "
+                   "1 for every channel (default: ImageNet's)")
+    p.add_argument("--std", type=float, nargs="+", help="normalization std of image folders: 3 values or 1 "
+                   "(default: ImageNet's)")
+    p.add_argument("--allow-partial", action="store_true", help="save the model even when some norms could not "
+                   "be recalibrated (they keep their statistics; named on stderr); without it that is an error")
     p.add_argument("--select", action="append", metavar="GLOB",
                    help="only these norms (glob on qualified names, repeatable; default: all)")
     p.add_argument("--top", type=_positive_int, default=10, help="rows in the table of statistics that moved most")
     p.set_defaults(run=run_recalibrate)
 
+
+def _add_reset(sub: Any) -> None:
     p = sub.add_parser("reset", help="reset running statistics (mean 0, var 1, count 0) and save the model",
-                       description="Reset the running statistics of MODEL's norms and save the model.")
+                       description="Reset the running statistics of MODEL's norms and save the model.", epilog=_EPILOG)
     _common(p, model_default=None)
-    p.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="where to save the model")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.pt", help=f"where to save the model; {_READ_BACK}")
     p.add_argument("--select", action="append", metavar="GLOB",
                    help="only these norms (glob on qualified names, repeatable; default: all)")
     p.set_defaults(run=run_reset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fxnorm`` command.
+
+    Example:
+        >>> build_parser().parse_args(["inspect"]).model
+        'torchvision:resnet18'
+    """
+    parser = _Parser(prog="fxnorm", description="Inspect, fold, reset and recalibrate the normalization "
+                     "layers of PyTorch models.", epilog=f"{MODEL_FORMS}. {_EXITS}")
+    parser.add_argument("--version", action="version", version=f"fxnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_inspect, _add_fold, _add_recalibrate, _add_reset):
+        add(sub)
     return parser
 
 
@@ -164,32 +203,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in argv or "--verbose" in argv
-    console = Console(quiet="-q" in argv or "--quiet" in argv)
+    console = Console.from_argv(argv)
     try:
         args = build_parser().parse_args(argv)
-        console = Console(quiet=args.quiet)
+        console = Console(quiet=args.quiet, verbose=args.verbose, json=getattr(args, "format", "table") == "json")
         return int(args.run(args, console))
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-    except (UsageError, UnknownModelError) as err:
-        print(f"fxnorm: error: {err}", file=sys.stderr)
-        if isinstance(err, UsageError):
-            print("run 'fxnorm --help' or 'fxnorm COMMAND --help' for usage", file=sys.stderr)
-        return EXIT_USAGE
+    except BrokenPipeError:
+        return console.broken_pipe()
     except KeyboardInterrupt:
-        print("fxnorm: interrupted", file=sys.stderr)
-        return 130
+        done = f" after saving {', '.join(console.saved)}" if console.saved else "; nothing was saved"
+        return console.fail(f"interrupted{done}", EXIT_INTERRUPTED)
+    except (UsageError, UnknownModelError) as err:
+        return console.fail(cause_of(err), EXIT_USAGE, details=details_of(err))
     except Exception as err:  # everything else: one line, the traceback only when asked
-        if verbose:
+        if console.verbose:
             traceback.print_exc()
-        cause = str(err).strip() or type(err).__name__
-        if not isinstance(err, FxNormError):
-            cause = f"{type(err).__name__}: {cause.splitlines()[0]}"
-        print(f"fxnorm: error: {cause}", file=sys.stderr)
-        if not verbose and not isinstance(err, FxNormError):
-            print("(run with --verbose for the traceback)", file=sys.stderr)
-        return EXIT_FAILURE
+        return console.fail(cause_of(err), EXIT_FAILURE, details=details_of(err),
+                            hint="" if console.verbose or isinstance(err, FxNormError) else
+                            "(run with --verbose for the traceback)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,8 +52,8 @@ def test_fold_onnx_keeps_only_the_unfoldable_batch_norm(capsys: pytest.CaptureFi
     source = tmp_path / "mixed.pt"
     torch.save(model, source)
     path = tmp_path / "mixed.onnx"
-    code, out, err = _run(capsys, "fold", str(source), "-o", str(tmp_path / "folded.pt"),
-                          "--input-shape", "2,3,8,8", "--onnx", str(path), "-q")
+    code, out, err = _run(capsys, "fold", str(source), "--trust-file", "-o", str(tmp_path / "folded.pt"),
+                          "--input-shape", "2,3,8,8", "--onnx", str(path), "-q")  # a test class: trusted
     assert code == 0, err
     proto = onnx.load(str(path))
     assert count_batch_norm_ops(proto) == 1  # bn_cat: after a cat, before a relu
@@ -68,7 +68,7 @@ def test_fold_onnx_without_the_extra_names_it(capsys: pytest.CaptureFixture, tmp
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     source = tmp_path / "mixed.pt"
     torch.save(_mixed(), source)
-    code, out, err = _run(capsys, "fold", str(source), "-o", str(tmp_path / "folded.pt"),
+    code, out, err = _run(capsys, "fold", str(source), "--trust-file", "-o", str(tmp_path / "folded.pt"),
                           "--input-shape", "2,3,8,8", "--onnx", str(tmp_path / "m.onnx"))
     assert code == 1 and "pip install 'fxnorm[onnx]'" in err and "Traceback" not in err
     assert out == "" and "loading" not in err  # checked before the model is even loaded
@@ -95,10 +95,10 @@ def test_fold_onnx_checks_the_extra_before_writing(capsys: pytest.CaptureFixture
     source = tmp_path / "mixed.pt"
     torch.save(_mixed(), source)
     onnx_path, pt_path = tmp_path / "m.onnx", tmp_path / "folded.pt"
-    code, out, err = _run(capsys, "fold", str(source), "-o", str(pt_path), "--check", "--format", "json",
+    code, out, err = _run(capsys, "fold", str(source), "--trust-file", "-o", str(pt_path), "--check", "--format", "json",
                           "--input-shape", "2,3,8,8", "--export", str(tmp_path / "m.pt2"), "--onnx", str(onnx_path))
-    assert code == 1 and out == ""
-    assert err.splitlines()[0] == (f"fxnorm: error: --onnx {onnx_path}: {missing} is not installed: "
-                                   "pip install 'fxnorm[onnx]'; nothing was loaded or saved")
+    message = f"--onnx {onnx_path}: {missing} is not installed: pip install 'fxnorm[onnx]'; nothing was loaded or saved"
+    assert code == 1 and json.loads(out) == {"error": message, "exit": 1}  # --format json: the error as JSON
+    assert err.splitlines() == [f"fxnorm: error: {message}"]
     assert asked == ["onnx", "onnxscript"][: asked.index(missing) + 1]  # the dynamo exporter needs both
     assert list(tmp_path.iterdir()) == [source]  # no .pt, .pt2 or .onnx written

@@ -191,7 +191,9 @@ def test_inspect_saved_model_file_and_weights(capsys: pytest.CaptureFixture, fac
     model = _net(factories)
     path = tmp_path / "whole.pt"
     torch.save(model, path)
-    code, out, _ = run(capsys, "inspect", str(path), "--format", "json")
+    code, out, err = run(capsys, "inspect", str(path), "--format", "json")  # its Squeeze class is not allowed
+    assert code == 1 and "Squeeze" in json.loads(out)["error"] and "--trust-file" in err
+    code, out, _ = run(capsys, "inspect", str(path), "--format", "json", "--trust-file")
     assert code == 0
     assert json.loads(out)["norms"] == json.loads(json.dumps([s.to_dict() for s in find_norms(model)]))
     # --weights: a state_dict with other statistics
@@ -270,7 +272,7 @@ def test_failures_exit_1_with_one_line(capsys: pytest.CaptureFixture, factories:
     code, _, err = run(capsys, "inspect", f"{factories}:broken", "--verbose")
     assert code == 1 and "Traceback (most recent call last)" in err
     code, _, err = run(capsys, "inspect", f"{factories}:number")
-    assert code == 1 and "returned a int, not an nn.Module" in err
+    assert code == 1 and "returned an int, not an nn.Module" in err
     # a state_dict given as MODEL, and weights that do not match
     state = tmp_path / "state.pt"
     torch.save(_net(factories).state_dict(), state)
@@ -281,7 +283,8 @@ def test_failures_exit_1_with_one_line(capsys: pytest.CaptureFixture, factories:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     code, _, err = run(capsys, "inspect", str(garbage))
-    assert code == 1 and f"fxnorm: error: cannot load {garbage}: UnpicklingError" in err
+    assert code == 1 and f"fxnorm: error: cannot load {garbage}: not a file written by torch.save, or a damaged " \
+                         "one\n" in err
 
 
 def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
@@ -481,7 +484,8 @@ def test_tensor_files(tmp_path: Path) -> None:
         ({"x": torch.zeros(2)}, {}, "holds a dict"),
         (torch.zeros(0, 3), {}, "is empty"),
         (torch.zeros(2, 3), {"batch_size": 0}, "batch size must be a positive integer"),
-        (torch.zeros(2, 3), {"mean": [0.5, 0.5], "std": [0.5]}, "mean and std need 3 values"),
+        (torch.zeros(2, 3), {"mean": [0.5, 0.5], "std": [0.5]}, r"mean needs 3 values \(R G B\) or 1 for every channel, got 2"),
+        (torch.zeros(2, 3), {"std": [float("nan")]}, "std values must be finite"),
         (torch.zeros(2, 3), {"std": [0.2, 0.0, 0.2]}, "std values must be positive"),
     ],
 )

@@ -69,11 +69,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     inputs = model_inputs(model, args, device, "--input-shape")[0] if args.input_shape is not None else None
     with console.library():
         traced = trace(model, leaf_modules=tuple(args.leaf))
-        if inputs is not None:
-            from ..graph.shapes import record_shapes
-
-            record_shapes(traced, inputs)
-        sites = find_norms(traced)
+        sites = find_norms(traced, example_inputs=inputs)
         untraced = report_of(traced, TraceReport).untraced
     if args.format == "json":
         console.json(report_dict(args.model, sites, untraced))
@@ -196,14 +192,15 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
     _check_extras(exports)
     model, _ = load(args, console, device)
     inputs, reference, shape = None, None, tuple[int, ...]()
-    if args.check or args.input_shape is not None or exports:
+    # example inputs also let a part-by-part model's folds be checked against one real run (--strict needs it)
+    if args.check or args.input_shape is not None or exports or (args.strict and default_input_shape(model)):
         inputs, reference, shape = model_inputs(model, args, device, "--check/--export/--onnx")
     console.log("folding")
     with console.library():
         before_traced = trace(model, leaf_modules=tuple(args.leaf))
         before, untraced = find_norms(before_traced), report_of(before_traced, TraceReport).untraced
         folded = fold(model, strict=args.strict, standalone=args.standalone, norm_affine=args.norm_affine,
-                      example_inputs=inputs if args.input_shape is not None else None, leaf_modules=tuple(args.leaf))
+                      example_inputs=inputs, leaf_modules=tuple(args.leaf))
         report = report_of(folded, FoldReport)
         after = find_norms(folded)
     check = _check_fold(reference, folded, inputs, shape, args, console) if args.check and inputs is not None else None

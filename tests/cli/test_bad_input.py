@@ -84,6 +84,10 @@ MODELS = textwrap.dedent('''
         return 3
 
 
+    def scripted():
+        return torch.jit.script(tiny().eval())
+
+
     class Sleepy(nn.Module):
         def forward(self, x):
             if x.sum() > -1e30:  # data-dependent: stays eager, so it really runs during recalibration
@@ -189,6 +193,8 @@ CASES = [
     Case("state-dict-as-model", ("inspect", "{w}/state.pt"), 1,
          "holds an OrderedDict of 7 tensors (a state_dict), not a model: give the architecture as MODEL"),
     Case("factory-returns-int", ("inspect", "{m}:number"), 1, "returned an int, not an nn.Module"),
+    Case("torchscript-model", ("inspect", "{m}:scripted"), 1, "is TorchScript (torch.jit.script/trace): fxnorm "
+         "reads Python modules; pass the nn.Module it was made from"),
     Case("wrong-channels", (*RECAL_TINY, "--data", "{w}/data5.pt"), 1, "batch 0: the model raised RuntimeError"),
     Case("nan-data", (*RECAL_TINY, "--data", "{w}/nan.pt"), 1, "contains NaN or Inf", early=True),
     Case("empty-folder", (*RECAL_TINY, "--data", "{w}/empty"), 1, "no images found", early=True),

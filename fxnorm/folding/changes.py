@@ -111,7 +111,7 @@ def _layer_weights(plan: Plan) -> list[tuple[nn.Module, str, nn.Parameter | None
     """New (weight, bias) of every layer that takes folds, the folds of its first call site in order."""
     firsts: dict[int, tuple[str, str]] = {}
     chains: dict[int, list[Decision]] = defaultdict(list)
-    for d in plan.folded():
+    for d in sorted(plan.folded(), key=lambda d: d.step):
         assert d.layer is not None and d.site is not None and d.consts is not None  # set together by the plan
         site = firsts.setdefault(id(d.layer), d.site)
         if d.site == site:

@@ -135,17 +135,19 @@ def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
 _SPATIAL = {"1d": 1, "2d": 2, "3d": 3}
 
 
-def channel_dims(kind: str) -> dict[int, int]:
+def channel_dims(kind: str) -> dict[int, int | None]:
     """``{rank: channel dim}`` for every input rank a norm kind (or an output rank a layer kind) can
-    have: the dim whose index is the channel of the per-channel scale.
+    have: the dim whose index is the channel of the per-channel scale (None: at that rank it runs but
+    is not a per-channel map of the same shape).
 
     Convs accept unbatched input (channels at dim 0); ``BatchNorm2d``/``3d`` check their rank;
     ``BatchNorm1d`` takes 2-D or 3-D input; ``FrozenBatchNorm2d`` broadcasts a ``(1, C, 1, 1)``
-    scale, so its channels are at ``rank - 3``; a Linear's features are its last dim.
+    scale, so its channels are at ``rank - 3`` (and below rank 4 its output gains a dim); a Linear's
+    features are its last dim.
 
     Example:
         >>> channel_dims("FrozenBatchNorm2d"), channel_dims("Linear")[3]
-        ({3: 0, 4: 1, 5: 2, 6: 3}, 2)
+        ({2: None, 3: None, 4: 1, 5: 2, 6: 3}, 2)
     """
     if kind == "Linear":
         return {r: r - 1 for r in range(1, MAX_RANK + 1)}
@@ -156,6 +158,6 @@ def channel_dims(kind: str) -> dict[int, int]:
         return {_SPATIAL[kind[-2:]] + 2: 1}
     if kind == "BatchNorm1d":
         return {2: 1, 3: 1}
-    if kind == "FrozenBatchNorm2d":
-        return {r: r - 3 for r in range(3, MAX_RANK + 1)}
+    if kind == "FrozenBatchNorm2d":  # below rank 4 its (1, C, 1, 1) scale adds dims: not a per-channel map
+        return {r: (r - 3 if r >= 4 else None) for r in range(2, MAX_RANK + 1)}
     return {r: 1 for r in range(2, MAX_RANK + 1)}  # SyncBatchNorm, functional batch_norm

@@ -57,6 +57,9 @@ class Decision:
     site: tuple[str, str] | None = None  #: the layer call site it folds at (part prefix, node name)
     reason: str | None = None
     evidence: Evidence | None = None
+    #: when the simulation made this fold: a layer takes its folds in this order (bn -> bn -> conv must
+    #: fold the norm next to the conv first)
+    step: int = -1
 
 
 @dataclass(eq=False)
@@ -76,7 +79,7 @@ def _simulate(an: Analysis, bans: dict[int, str], layer_bans: dict[tuple[int, in
     graphs = {prefix: copy.deepcopy(gm.graph) for prefix, gm in an.parts}
     calls = norm_calls(an, graphs)
     decisions = {id(c): Decision(c) for c in calls}
-    changed = True
+    changed, step = True, 0
     while changed:
         changed = False
         for call in calls:
@@ -88,6 +91,7 @@ def _simulate(an: Analysis, bans: dict[int, str], layer_bans: dict[tuple[int, in
                 continue
             decision.mode, decision.layer, decision.layer_name = proposal.mode, proposal.layer, proposal.layer_name
             decision.site, decision.reason = (call.prefix, proposal.layer_node.name), None
+            decision.step, step = step, step + 1
             source = call.input() if proposal.mode == "into_consumer" else proposal.layer_node
             call.node.replace_all_uses_with(source)  # type: ignore[arg-type]
             graphs[call.prefix].erase_node(call.node)

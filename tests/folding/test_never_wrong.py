@@ -239,6 +239,14 @@ def test_8_find_norms_predicts_a_chain_of_folds():
     assert [(f.name, f.into) for f in report.folded] == [("1", "0"), ("2", "0")]
 
 
+def test_a_chain_of_norms_before_a_conv_folds_nearest_first():
+    """bn_a -> bn_b -> conv: bn_b folds into the conv first, then bn_a (found by the fuzzer: in the
+    other order the bias of the conv is wrong)."""
+    x = torch.randn(2, 4, 5, 5)
+    _, report = fold_checked(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)), x)
+    assert [(f.name, f.mode) for f in report.folded] == [("1", "into_consumer"), ("2", "into_consumer")]
+
+
 # 9 ------------------------------------------------------------------------------------------------
 class PartlyTraced(nn.Module):
     def __init__(self) -> None:

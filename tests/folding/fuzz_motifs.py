@@ -1,0 +1,327 @@
+"""Trap motifs for the differential fuzzer (tests/folding/test_fuzzer.py): small models, drawn by
+hypothesis, built from the places where folding tools go wrong.
+
+Every builder takes hypothesis's ``draw`` and returns ``(model, inputs, fold_kwargs)``: a float64
+model in eval mode (statistics randomized by the caller), inputs that run, and the arguments to pass
+to both ``find_norms`` and ``fold``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+__all__ = ["MOTIFS"]
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+Draw = Callable[[st.SearchStrategy], Any]
+
+
+class FunctionalNorm(nn.Module):
+    """A batch norm written with F.batch_norm or torch.batch_norm, positional or keyword."""
+
+    def __init__(self, c: int, form: str, affine: bool) -> None:
+        super().__init__()
+        self.form = form
+        self.register_buffer("rm", torch.randn(c, dtype=torch.float64))
+        self.register_buffer("rv", torch.rand(c, dtype=torch.float64) + 0.5)
+        self.w = nn.Parameter(torch.rand(c, dtype=torch.float64) + 0.5) if affine else None
+        self.b = nn.Parameter(torch.randn(c, dtype=torch.float64)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "F":
+            return F.batch_norm(x, self.rm, self.rv, self.w, self.b, False, 0.1, 1e-3)
+        if self.form == "F-kw":
+            return F.batch_norm(x, self.rm, self.rv, weight=self.w, bias=self.b, eps=1e-3)
+        return torch.batch_norm(x, self.w, self.b, self.rm, self.rv, False, 0.1, 1e-3, False)
+
+
+class BNAct(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+def _norm(draw: Draw, dim: int, c: int) -> nn.Module:
+    form = draw(st.sampled_from(["module", "F", "F-kw", "torch", "subclass", "frozen", "train", "untracked",
+                                 "no-affine", "momentum-none"]))
+    if form in ("F", "F-kw", "torch"):
+        return FunctionalNorm(c, form, draw(st.booleans()))
+    if form == "subclass" and dim == 2:
+        return BNAct(c)
+    if form == "frozen" and dim == 2:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        return FrozenBatchNorm2d(c)
+    kwargs = {"untracked": {"track_running_stats": False}, "no-affine": {"affine": False},
+              "momentum-none": {"momentum": None}}.get(form, {})
+    norm = BN[dim](c, **kwargs)
+    norm.fuzz_train = form == "train"  # the fuzzer puts it back in training mode after model.eval()
+    return norm
+
+
+class Chain(nn.Module):
+    """layer -> norm (-> activation), the layer maybe called again, its output maybe returned too."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, act: str, extra: str) -> None:
+        super().__init__()
+        self.layer, self.norm, self.act, self.extra = layer, norm, act, extra
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.layer(x)
+        if self.extra == "relu_":
+            y.relu_()
+        elif self.extra == "iadd":
+            y += 1.0
+        z = self.norm(y)
+        if self.act == "relu":
+            z = torch.relu(z)
+        elif self.act == "relu_":
+            z = z.relu_()
+        if self.extra == "returned":
+            return z, y
+        if self.extra == "twice":
+            return z + self.norm(self.layer(x * 0.5))
+        if self.extra == "weight-read":
+            return z * getattr(self.layer, "weight").mean()
+        if self.extra == "stats-read":
+            return z + self.norm.running_mean.mean() if hasattr(self.norm, "running_mean") else z
+        return z
+
+
+def conv_norm(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    dim = draw(st.sampled_from([1, 2, 3]))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = 2 * draw(st.integers(1, 2)), 2 * draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 1))
+    if transposed:
+        layer: nn.Module = CONVT[dim](cin, cout, 3, stride=draw(st.integers(1, 2)), padding=padding, groups=groups,
+                                      bias=draw(st.booleans()))
+    else:
+        mode = draw(st.sampled_from(["zeros", "reflect", "circular"])) if padding else "zeros"
+        layer = CONV[dim](cin, cout, 3, padding=padding, padding_mode=mode, groups=groups, bias=draw(st.booleans()),
+                          dilation=draw(st.integers(1, 2)))
+    model = Chain(layer, _norm(draw, dim, cout), draw(st.sampled_from(["none", "relu", "relu_"])),
+                  draw(st.sampled_from(["none", "none", "returned", "twice", "weight-read", "stats-read", "relu_",
+                                        "iadd"])))
+    batched = draw(st.booleans()) or dim == 3
+    x = torch.randn(*((2,) if batched else ()), cin, *([6] * dim), dtype=torch.float64)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class PreNorm(nn.Module):
+    """norm -> conv/linear, the norm's input maybe written in place afterwards or also used."""
+
+    def __init__(self, norm: nn.Module, layer: nn.Module, extra: str) -> None:
+        super().__init__()
+        self.norm, self.layer, self.extra = norm, layer, extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(x)
+        if self.extra == "iadd":
+            x += 1.0
+        elif self.extra == "add_":
+            x.add_(1.0)
+        out = self.layer(z)
+        if self.extra == "residual":
+            out = out + x.mean()
+        return out
+
+
+def norm_layer(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    dim = draw(st.sampled_from([0, 1, 2]))  # 0: Linear
+    c, out = 4, 3
+    if dim == 0:
+        layer: nn.Module = nn.Linear(c, out, bias=draw(st.booleans()))
+        shape = draw(st.sampled_from([(5, c), (2, c, 6)]))  # (N, C) folds; (N, C, L) is not Linear's features
+        norm = BN[1](c) if len(shape) == 3 or draw(st.booleans()) else FunctionalNorm(c, "F", True)
+    else:
+        padding = draw(st.sampled_from([0, 1, "same"]))
+        mode = draw(st.sampled_from(["zeros", "reflect", "replicate"]))
+        layer = CONV[dim](c, out, 3, padding=padding, padding_mode=mode, groups=1, bias=draw(st.booleans()))
+        shape = (2, c, *([7] * dim))
+        norm = _norm(draw, dim, c)
+    model = PreNorm(norm, layer, draw(st.sampled_from(["none", "none", "iadd", "add_", "residual"])))
+    x = torch.randn(*shape, dtype=torch.float64)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class Reshaped(nn.Module):
+    """Linear (or conv) -> a reshaping op -> BatchNorm1d (-> back)."""
+
+    def __init__(self, op: str, c: int) -> None:
+        super().__init__()
+        self.op = op
+        self.fc = nn.Linear(c, c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)  # x: (N, L, C)
+        if self.op == "flatten":
+            return self.bn(y.flatten(0, 1))
+        if self.op == "flatten-end":
+            return self.bn(y.flatten(start_dim=1, end_dim=2))
+        if self.op == "view":
+            return self.bn(y.view(-1, y.shape[-1]))
+        if self.op == "transpose":
+            return self.bn(y.transpose(1, 2)).transpose(1, 2)
+        if self.op == "permute":
+            return self.bn(y.permute(0, 2, 1))
+        if self.op == "chunk":
+            return self.bn(y.chunk(2, dim=1)[0].reshape(-1, y.shape[-1]))
+        return self.bn(y[:, 0])  # slice
+
+
+def reshaped(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = draw(st.sampled_from([3, 4]))
+    op = draw(st.sampled_from(["flatten", "flatten-end", "view", "transpose", "permute", "chunk", "slice"]))
+    length = c if op in ("flatten-end",) else 4
+    shape = (2, length, c) if op != "flatten-end" else (2, 2, 2, c)
+    model = Reshaped(op, c)
+    if op == "flatten-end":
+        model.bn = nn.BatchNorm1d(4)
+    x = torch.randn(*shape, dtype=torch.float64)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class Shared(nn.Module):
+    """Layers and norms shared between sites, registered twice, held outside the module tree."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.conv_a, self.conv_b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        if case == "tied":
+            self.conv_b.weight = self.conv_a.weight
+        if case == "alias":
+            self.again = self.bn_a
+        if case == "listed":
+            self.norms = [self.bn_b]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.case == "conv-twice":
+            return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_a(x + 1))
+        if self.case == "bn-twice":
+            return self.bn_a(self.conv_a(x)) + self.bn_a(self.conv_b(x))
+        if self.case == "bn-twice-one-bad":
+            return self.bn_a(self.conv_a(x)) + self.bn_a(torch.relu(x))
+        if self.case == "functional-shared":
+            return self.bn_a(self.conv_a(x)) + F.conv2d(x, self.conv_a.weight)
+        if self.case == "listed":
+            return self.norms[0](self.conv_b(x))
+        return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x))
+
+
+def shared(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    case = draw(st.sampled_from(["conv-twice", "bn-twice", "bn-twice-one-bad", "functional-shared", "tied", "alias",
+                                 "listed"]))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    return Shared(case), (x,), {}
+
+
+class Hooked(nn.Module):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(3, 4, 1))
+        self.bn, self.conv2 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        target = {"conv": self.inner[0], "bn": self.bn, "boundary": self.inner, "consumer": self.conv2}[where]
+        target.register_forward_hook(lambda module, args, out: out * 1.5)  # a hook that changes the value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.bn(self.inner(x))))
+
+
+def hooked(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    return Hooked(draw(st.sampled_from(["conv", "bn", "boundary", "consumer"]))), (x,), {}
+
+
+class Glue(nn.Module):
+    """A traced body inside untraced glue that may also call the body's layers itself."""
+
+    def __init__(self, eager_call: str) -> None:
+        super().__init__()
+        self.eager_call = eager_call
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.tail = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if float(y.sum()) > -1e30:  # data-dependent: the glue stays eager
+            y = self.tail(y)
+        if self.eager_call == "conv":
+            y = y + self.body[0](x)[:, :2]
+        elif self.eager_call == "bn":
+            y = y + self.tail[0](torch.ones(2, 4, 4, 4, dtype=x.dtype))[:, :2]
+        return y
+
+
+def glue(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    return Glue(draw(st.sampled_from(["none", "conv", "bn"]))), (x,), {"example_inputs": (x,)}
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module, inplace: bool) -> None:
+        super().__init__()
+        self.body, self.inplace = body, inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.inplace:
+            y += x
+            return y
+        return x + y
+
+
+class Concat(nn.Module):
+    """Two convs concatenated, then a norm over all channels (no exact fold into one producer)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c - c // 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def _block(draw: Draw, c: int) -> nn.Module:
+    kind = draw(st.sampled_from(["conv-bn", "bn-conv", "conv", "relu", "relu-inplace", "residual", "concat",
+                                 "pool", "bn", "bnact", "dropout"]))
+    if kind == "conv-bn":
+        return nn.Sequential(nn.Conv2d(c, c, 3, padding=draw(st.integers(0, 1)) * 1 or "same",
+                                       groups=draw(st.sampled_from([1, c])), bias=draw(st.booleans())), _norm(draw, 2, c))
+    if kind == "bn-conv":
+        return nn.Sequential(_norm(draw, 2, c), nn.Conv2d(c, c, draw(st.sampled_from([1, 3])),
+                                                          padding=draw(st.sampled_from([0, "same"])),
+                                                          padding_mode=draw(st.sampled_from(["zeros", "reflect"]))))
+    if kind == "residual":
+        return Residual(_block(draw, c), draw(st.booleans()))
+    if kind == "concat":
+        return Concat(c)
+    if kind == "bnact":
+        return BNAct(c)
+    return {"conv": nn.Conv2d(c, c, 1), "relu": nn.ReLU(), "relu-inplace": nn.ReLU(inplace=True),
+            "pool": nn.AvgPool2d(3, 1, 1), "bn": _norm(draw, 2, c), "dropout": nn.Dropout(0.5)}[kind]
+
+
+def stack(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = draw(st.sampled_from([2, 4]))
+    blocks = [_block(draw, c) for _ in range(draw(st.integers(2, 5)))]
+    x = torch.randn(2, c, 5, 5, dtype=torch.float64)
+    return nn.Sequential(*blocks), (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+#: Every motif, by name.
+MOTIFS: dict[str, Callable[[Draw], tuple[nn.Module, tuple, dict]]] = {
+    "conv_norm": conv_norm, "norm_layer": norm_layer, "reshaped": reshaped, "shared": shared, "hooked": hooked,
+    "glue": glue, "stack": stack,
+}

@@ -5,6 +5,9 @@ Two modes:
 * default: for each model, the median time of the fold pass (fxnorm vs torch ``fuse``, runs
   interleaved), the median latency of the unfolded eval model, the torch-fused model and the
   fxnorm-folded model at batch 1 and 16 (interleaved too), and the batch norms left by each.
+* ``--detection``: models traced part by part (torchvision detection): the fold pass without and
+  with ``example_inputs`` (one recorded run checks the eager glue) against one eval forward of one
+  image at the test input size (interleaved).
 * ``--coverage``: over the torchvision zoo (classification, segmentation, video, detection, or
   ``--models``): batch norms in total, left after torch ``fuse``, left after fxnorm, and fxnorm's
   worst relative output error (detection: per traced part, on the inputs it received).
@@ -41,6 +44,8 @@ from fxnorm import FoldReport, TraceReport, find_norms, fold, report_of, trace  
 from fxnorm.graph.kinds import BN_KINDS  # noqa: E402
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+DETECTION_MODELS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+                    "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn"]
 
 
 def bn_left(model: nn.Module) -> int:
@@ -92,6 +97,23 @@ def bench_model(name: str, device: str, repeats: int, size: int, batches: list[i
         row[f"fxnorm/fuse_b{batch}"] = lat["fxnorm"] / lat["fuse"]
         row[f"fxnorm/eval_b{batch}"] = lat["fxnorm"] / lat["eval"]
     return row
+
+
+def bench_detection(name: str, device: str, repeats: int) -> dict[str, Any]:
+    """Fold pass of a part-by-part model against one eval forward of one image (the test input size)."""
+    model = zoo.build(name).to(device)
+    inputs = zoo.example_inputs(name, device=device)
+    with torch.no_grad():
+        model(*inputs)  # first forward: caches that decide what traces
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(*inputs)
+
+    times = interleaved({"eval": forward, "fold": lambda: fold(model),
+                         "fold_inputs": lambda: fold(model, example_inputs=inputs)}, repeats, device)
+    return {"model": name, "eval_s": times["eval"], "fold_s": times["fold"], "fold_inputs_s": times["fold_inputs"],
+            "fold/eval": times["fold"] / times["eval"], "fold_inputs/eval": times["fold_inputs"] / times["eval"]}
 
 
 def _part_errors(model: nn.Module, folded_fn: Callable[[nn.Module], nn.Module], inputs: tuple) -> tuple[nn.Module, float]:
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--coverage", action="store_true", help="norms left over the torchvision zoo")
+    parser.add_argument("--detection", action="store_true", help="fold pass of part-by-part models vs an eval forward")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -166,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU available")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
-    if args.coverage:
+    if args.detection:
+        rows = [bench_detection(n, args.device, args.repeats) for n in args.models or DETECTION_MODELS]
+        print(tabulate(rows, headers="keys", floatfmt=".3g"))
+        result: dict[str, Any] = {"meta": meta, "rows": rows}
+    elif args.coverage:
         names = args.models or [n for f in ("classification", "segmentation", "video", "detection")
                                 for n in zoo.FAMILIES[f]]
         rows = []
@@ -182,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                    "worst_rel_err": worst["rel_err"], "worst_model": worst["model"]}
         print()
         print(tabulate([summary], headers="keys", floatfmt=".2g"))
-        result: dict[str, Any] = {"meta": meta, "rows": rows, "summary": summary}
+        result = {"meta": meta, "rows": rows, "summary": summary}
     else:
         rows = [bench_model(n, args.device, args.repeats, args.size, args.batches) for n in args.models or DEFAULT_MODELS]
         cols = ["model", "fold_s", "fuse_s", "fold/fuse", "bn_total", "bn_left_fuse", "bn_left_fxnorm"]

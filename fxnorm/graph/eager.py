@@ -62,13 +62,18 @@ class _EagerReads(TorchFunctionMode):
                 for value in values:
                     if isinstance(value, torch.Tensor) and id(value) in self.watched:
                         self.found.setdefault(id(value), []).append(name)
+                target = kwargs.get("out", args[0] if args else None)
+                writes = (name.endswith("_") and not name.endswith("__")) or "out" in kwargs
+                if writes and isinstance(target, torch.Tensor) and id(target) in self.watched:
+                    return target  # a traced forward never writes the model's tensors (num_batches_tracked += 1)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def watch_eager_reads(watched: set[int]) -> Iterator[dict[int, list[str]]]:
     """Inside the block, note every torch function that traced code runs eagerly (no proxy in its
-    arguments) on a tensor whose ``id`` is in ``watched``: ``{id: [function names]}``."""
+    arguments) on a tensor whose ``id`` is in ``watched``: ``{id: [function names]}``; an in-place
+    write into such a tensor is noted and not made (tracing must not change the model)."""
     mode = _EagerReads(watched)
     with mode:
         yield mode.found

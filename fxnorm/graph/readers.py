@@ -370,13 +370,18 @@ def augmented_assignment(target: Any) -> bool | None:
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None or frame.f_code.co_name == "<module>":
         return None
-    for instruction in dis.get_instructions(frame.f_code):
-        if instruction.offset == frame.f_lasti:
-            name, arg = instruction.opname, instruction.argrepr
-            if name.startswith("INPLACE_") or (name == "BINARY_OP" and arg.endswith("=") and arg != "=="):
-                return True
-            return False if name.startswith("BINARY_") else None
-    return None
+    found = _instructions(frame.f_code).get(frame.f_lasti)
+    if found is None:
+        return None
+    name, arg = found
+    if name.startswith("INPLACE_") or (name == "BINARY_OP" and arg.endswith("=") and arg != "=="):
+        return True
+    return False if name.startswith("BINARY_") else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _instructions(code: types.CodeType) -> dict[int, tuple[str, str]]:
+    return {i.offset: (i.opname, i.argrepr) for i in dis.get_instructions(code)}
 
 
 def _is_operator(target: Any) -> bool:

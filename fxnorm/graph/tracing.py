@@ -30,7 +30,6 @@ from typing import Any, ClassVar, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.parameter import is_lazy
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
@@ -180,9 +179,8 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
     # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
     # back afterwards so that neither the user's model nor the graph keeps a proxy.
     # Code traced through runs on the real buffers too (a BatchNorm subclass in training mode does
-    # ``self.num_batches_tracked.add_(1)``): put back every buffer changed in place.
+    # ``self.num_batches_tracked.add_(1)``): watch_eager_reads keeps those writes from happening.
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
-    buffers = [(b, _version(b), b.detach().clone()) for b in module.buffers() if not is_lazy(b)]
     try:
         tracer = NormTracer(leaf_modules, prefix)
         with watch_eager_reads({id(t) for t in (*module.parameters(), *module.buffers())}) as reads, \
@@ -199,11 +197,6 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             if len(current) != len(state) or any(current.get(k, state) is not v for k, v in state.items()):
                 current.clear()
                 current.update(state)
-        with torch.no_grad():
-            for buf, version, value in buffers:
-                if version is None and buf.device.type != "meta" and not torch.equal(buf, value) or (
-                        version is not None and _version(buf) != version):
-                    buf.copy_(value)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
@@ -237,11 +230,6 @@ def _hooks_held(module: nn.Module) -> Iterator[set[int]]:
 
 def _has_hooks(m: nn.Module) -> bool:
     return any(m.__dict__.get(attr) for attr in _HOOKS)
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """``t._version``, or None for an inference tensor (it keeps no version counter)."""
-    return None if t.is_inference() else t._version
 
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:

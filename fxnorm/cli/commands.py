@@ -30,7 +30,8 @@ from .console import EXIT_FAILURE, EXIT_OK, Console
 from .loading import default_input_shape, example_inputs, model_name
 from .outputs import write_outputs
 from .preflight import load, preflight, shape_text
-from .running import flatten_outputs, relative_error, run_model
+from ..graph.runtime import flatten_outputs, relative_error
+from .running import run_model
 
 __all__ = ["EXPORTERS", "relative_error", "run_inspect", "run_fold", "table", "model_inputs"]
 

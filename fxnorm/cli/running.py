@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..errors import FxNormError
 from .console import cause_of
 
-__all__ = ["run_model", "relative_error", "flatten_outputs"]
+__all__ = ["run_model"]
 
 
 def run_model(model: nn.Module, inputs: tuple, what: str, remedy: str = "") -> Any:
@@ -54,44 +54,3 @@ def run_model(model: nn.Module, inputs: tuple, what: str, remedy: str = "") -> A
     finally:
         for handle in handles:
             handle.remove()
-
-
-def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a (nested) output, in order.
-
-    Example:
-        >>> [tuple(t.shape) for t in flatten_outputs({"a": torch.zeros(2), "b": [torch.zeros(1, 3)]})]
-        [(2,), (1, 3)]
-    """
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flatten_outputs(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in flatten_outputs(v)]
-    return []
-
-
-def relative_error(out: Any, ref: Any) -> float:
-    """``max|out - ref| / max|ref|`` over every tensor of two (nested) outputs, in float64.
-
-    Raises:
-        FxNormError: the outputs differ in structure or shape.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
-        0.5
-    """
-    xs, ys = flatten_outputs(out), flatten_outputs(ref)
-    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
-        raise FxNormError("the folded model's outputs differ in structure or shape from the original's")
-    diff = ref_max = 0.0
-    for x, y in zip(xs, ys):
-        if x.numel() == 0:
-            continue
-        x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
-        diff = max(diff, float((x64 - y64).abs().max()))
-        ref_max = max(ref_max, float(y64.abs().max()))
-    if diff == 0.0:
-        return 0.0
-    return diff / ref_max if ref_max > 0 else float("inf")

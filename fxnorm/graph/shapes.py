@@ -21,6 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from dataclasses import dataclass
 import operator
 from typing import Any
 
@@ -28,13 +31,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import FxNormError
 from .kinds import is_plain, layer_kind, norm_kind
 from .tracing import graph_parts
 
-__all__ = ["record_shapes", "rank_of", "recorded_rank"]
+__all__ = ["record_shapes", "rank_of", "recorded_rank", "TensorShape"]
 
 _MAX_CALLS = 4  #: calls of one part that are shape-propagated (more only cost time)
 #: modules whose output has their input's rank
@@ -63,6 +66,60 @@ def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> tupl
     return tuple(values)
 
 
+def _thawed(value: Any) -> Any:
+    """``value`` with fx's immutable lists and dicts turned into fresh ones (generated code passes fresh
+    literals; a function may mutate them, as torchvision's ``_get_window_and_shift_size`` does)."""
+    if isinstance(value, immutable_list):
+        return [_thawed(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _thawed(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_thawed(v) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_thawed(v) for v in value))
+    return value
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What :func:`record_shapes` stores in ``node.meta["tensor_meta"]``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph on fake or real tensors and stores each tensor output's :class:`TensorShape`.
+
+    Unlike fx's ``ShapeProp`` it prints nothing, copies no module, and calls functions with fresh
+    argument lists (:func:`_thawed`); a failing node raises :class:`FxNormError` naming it."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode: Any = None) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.fake_mode = fake_mode
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_function(target, _thawed(args), _thawed(kwargs))
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_method(target, _thawed(args), _thawed(kwargs))
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_module(target, _thawed(args), _thawed(kwargs))
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+                result = super().run_node(n)
+        except Exception as err:
+            where = n.meta.get("fxnorm_scope") or n.name
+            raise FxNormError(f"{type(err).__name__}: {err} (at node {n.name}, in {where!r})") from err
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorShape(tuple(result.shape), result.dtype)
+        return result
+
+
 def _shapes(gm: fx.GraphModule) -> dict[fx.Node, tuple[int, ...] | None]:
     out: dict[fx.Node, tuple[int, ...] | None] = {}
     for node in gm.graph.nodes:
@@ -72,17 +129,22 @@ def _shapes(gm: fx.GraphModule) -> dict[fx.Node, tuple[int, ...] | None]:
 
 
 def _fake_propagate(gm: fx.GraphModule, args: tuple) -> bool:
-    """ShapeProp on fake copies of ``args`` (real weights allowed); False when an op cannot run fake."""
+    """Shapes from fake copies of ``args`` (real weights allowed); False when an op cannot run fake."""
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
     except ImportError:  # pragma: no cover - every supported torch has it
         return False
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    logger = logging.getLogger("torch._subclasses.fake_tensor")  # logs every op that fails on fake tensors
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        ShapeProp(gm, fake_mode=mode).propagate(*fake)
+        _ShapeRecorder(gm, fake_mode=mode).run(*fake)
     except Exception:
         return False
+    finally:
+        logger.setLevel(level)
     return True
 
 
@@ -93,7 +155,7 @@ def _propagate(gm: fx.GraphModule, calls: list[tuple], fake: bool) -> None:
     first: dict[fx.Node, Any] = {}
     for i, args in enumerate(calls):
         if not (fake and _fake_propagate(gm, args)):
-            ShapeProp(gm).propagate(*args)
+            _ShapeRecorder(gm).run(*args)
         for node, shape in _shapes(gm).items():
             seen.setdefault(node, set()).add(None if shape is None else len(shape))
         if i == 0:
@@ -139,8 +201,9 @@ def record_shapes(traced: nn.Module, example_inputs: tuple) -> None:
             if calls[id(gm)]:
                 _propagate(gm, calls[id(gm)], fake=gm is traced)
     except Exception as err:
-        raise FxNormError(f"example_inputs do not run through {type(traced).__name__}: {type(err).__name__}: "
-                          f"{err}; pass a tuple of the positional arguments model(*example_inputs) accepts") from err
+        what = str(err) if isinstance(err, FxNormError) else f"{type(err).__name__}: {err}"
+        raise FxNormError(f"example_inputs do not run through {type(traced).__name__}: {what}; pass a tuple of the "
+                          "positional arguments model(*example_inputs) accepts") from err
     finally:
         for handle in handles:
             handle.remove()

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -28,12 +28,12 @@ import torch.nn as nn
 from ..errors import FoldError
 from ..graph.kinds import BN_KINDS, is_plain, norm_kind
 from ..graph.shapes import record_shapes
-from ..graph.eager import eager_norms, eager_reason
 from ..graph.tracing import LeafModules, trace, traced_report
 from ..reports import record_report
 from .changes import compute_changes
 from .copies import copy_sharing_layers, unshare
 from .modules import ChannelAffine
+from .observed import DISAGREED, outputs_agree
 from .norm_affine import fold_norm_affine
 from .planner import Plan, plan_folds
 from .report import FoldedNorm, FoldReport, SkippedNorm
@@ -72,6 +72,9 @@ def _report(plan: Plan, traced: nn.Module, affine: set[int]) -> tuple[FoldReport
             if d.evidence == "unverified":
                 refused.append(SkippedNorm(call.name, call.kind, "traced part by part without example_inputs: eager "
                                            "code might call its layers (pass example_inputs)"))
+            elif d.evidence == "observed":
+                refused.append(SkippedNorm(call.name, call.kind, "runs in untraced code: its fold into "
+                                           f"{d.layer_name} was seen in the example run, not proven"))
         elif id(d) in affine:
             report.folded.append(FoldedNorm(call.name, call.kind, "affine", call.name))
         else:
@@ -79,10 +82,6 @@ def _report(plan: Plan, traced: nn.Module, affine: set[int]) -> tuple[FoldReport
             report.skipped.append(skipped)
             if call.kind in BN_KINDS:
                 refused.append(skipped)
-    for name, _, kind in eager_norms(traced):
-        report.skipped.append(SkippedNorm(name, kind, eager_reason(name, trace_info)))
-        if kind in BN_KINDS:
-            refused.append(report.skipped[-1])
     seen = {f.name for f in report.folded} | {s.name for s in report.skipped}
     for name, module in plan.analysis.model.named_modules():
         base = norm_kind(module)
@@ -92,6 +91,26 @@ def _report(plan: Plan, traced: nn.Module, affine: set[int]) -> tuple[FoldReport
                                               "what it computes"))
             refused.append(report.skipped[-1])
     return report, refused
+
+
+def _observed_disagree(work: nn.Module, inputs: tuple | None, plan: Plan, undo: Callable[[], None]) -> bool:
+    """Check the observed folds just made against the recorded run; if the outputs differ, undo every
+    change, take the observed folds out of ``plan`` (with the reason) and return True."""
+    observed = [d for d in plan.decisions if d.evidence == "observed"]
+    if not observed or inputs is None or plan.run is None:
+        return False
+    try:
+        agree = outputs_agree(work, inputs, plan.run)
+    except BaseException:
+        undo()
+        raise
+    if agree:
+        return False
+    undo()
+    for d in observed:
+        d.mode, d.layer, d.layer_name, d.consts, d.site, d.evidence, d.reason = (None, None, None, None, None, None,
+                                                                               DISAGREED)
+    return True
 
 
 def _strict_error(refused: list[SkippedNorm]) -> FoldError:
@@ -136,7 +155,7 @@ def fold(
         inplace: change ``model`` itself (no copy), and return it. By default ``model`` is copied and
             left as it is.
         strict: raise :class:`FoldError` listing every batch norm that cannot fold (or whose fold is
-            unverified, see below), before changing anything. Otherwise such norms are skipped and
+            only ``"observed"`` or ``"unverified"``, see below), before changing anything. Otherwise such norms are skipped and
             reported with the reason.
         standalone: ``"keep"`` leaves unfoldable norms as they are; ``"affine"`` turns each norm module
             with constant statistics into a :class:`ChannelAffine` (``x * scale + shift``).
@@ -145,7 +164,9 @@ def fold(
         example_inputs: positional arguments of ``model(*example_inputs)``. Shapes from them decide
             folds that depend on ranks (Linear -> BatchNorm1d folds on 2-D input, not on 3-D); for a
             model traced part by part, one recorded run shows that eager code does not call or read
-            the layers a fold changes (evidence ``"counted"``; without inputs: ``"unverified"``).
+            the layers a fold changes (evidence ``"counted"``; without inputs: ``"unverified"``),
+            and may show a norm in untraced code fed by one conv/linear alone (evidence
+            ``"observed"``: folded, then checked on the example inputs, undone if the outputs differ).
         leaf_modules: modules the tracer keeps opaque (classes, qualified names or instances).
         allow_hooks: fold around modules with forward hooks or pre-hooks, which may then see different
             values (by default such folds are refused).
@@ -181,7 +202,11 @@ def fold(
         report, refused = _report(plan, traced, {id(d) for d in changes.affine})
         if strict and refused:
             raise _strict_error(refused)
-        changes.commit()
+        undo = changes.commit()
+        if _observed_disagree(work, inputs, plan, undo):
+            changes = compute_changes(plan, standalone)
+            report, _ = _report(plan, traced, {id(d) for d in changes.affine})
+            changes.commit()
         report.forwards = [name for _, name, _ in changes.forwards]
         if norm_affine:
             fold_norm_affine(work, traced, report, allow_hooks=allow_hooks)

@@ -61,8 +61,9 @@ class Changes:
     deletions: list[tuple[nn.Module, str]] = field(default_factory=list)  #: tensors a rewritten forward dropped
     affine: list[Decision] = field(default_factory=list)  #: decisions turned into ChannelAffine modules
 
-    def commit(self) -> None:
-        """Make every change; on any failure (or an interrupt) undo what was done and re-raise."""
+    def commit(self) -> Callable[[], None]:
+        """Make every change; on any failure (or an interrupt) undo what was done and re-raise.
+        Returns the function that undoes them all."""
         undo: list[Callable[[], None]] = []
         try:
             for module, name, param in self.params:
@@ -79,9 +80,14 @@ class Changes:
                 store = owner._parameters if attr in owner._parameters else owner._buffers
                 _replace(undo, store, attr, _MISSING)
         except BaseException:
-            for step in reversed(undo):
-                step()
+            _undo_all(undo)
             raise
+        return functools.partial(_undo_all, undo)
+
+
+def _undo_all(undo: list[Callable[[], None]]) -> None:
+    for step in reversed(undo):
+        step()
 
 
 def _put(store: dict[str, Any], key: str, value: Any) -> None:

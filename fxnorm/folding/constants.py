@@ -25,7 +25,7 @@ from torch.nn.parameter import is_lazy
 from ..graph.calls import bind_node, constant_value, describe_target, node_norm_kind
 from ..graph.kinds import BN_KINDS, has_running_stats, is_plain
 
-__all__ = ["BNConstants", "bn_constants", "health_problem", "channel_dims", "MAX_RANK"]
+__all__ = ["BNConstants", "bn_constants", "module_constants", "health_problem", "channel_dims", "MAX_RANK"]
 
 #: ranks considered for norms that accept "any rank >= 2"
 MAX_RANK = 6
@@ -74,7 +74,8 @@ def health_problem(consts: BNConstants) -> str | None:
     return None
 
 
-def _module_constants(module: nn.Module, kind: str) -> BNConstants | str:
+def module_constants(module: nn.Module, kind: str) -> BNConstants | str:
+    """The constants of a batch-norm *module* of ``kind`` (health not checked), or why it has none."""
     if not is_plain(module):
         return f"{type(module).__name__} overrides forward(): fxnorm cannot tell what it computes"
     if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
@@ -121,7 +122,7 @@ def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
         return "not a normalization layer"
     kind, module = found
     if module is not None:
-        consts = _module_constants(module, kind)
+        consts = module_constants(module, kind)
     elif kind != "batch_norm":
         return f"functional {kind} normalizes each input with its own statistics"
     else:

@@ -12,7 +12,9 @@ enable another: conv -> bn -> bn), then checks what single call sites cannot see
   (:mod:`fxnorm.folding.forwards`);
 - for a model traced part by part, eager code may call or read what a fold changes: with example
   inputs the real run is recorded and must agree with the graphs (evidence ``"counted"``), without
-  them the fold is ``"unverified"`` (refused by ``strict=True``).
+  them the fold is ``"unverified"`` (refused by ``strict=True``);
+- norms that no graph holds (they run in untraced code) come last: with example inputs, the recorded
+  run may show where they fold (:mod:`fxnorm.folding.observed`, evidence ``"observed"``).
 
 Whatever fails becomes a ban with its reason, and the simulation runs again without it.
 
@@ -34,12 +36,15 @@ from typing import Literal
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.kinds import known_base, is_plain
+from ..graph.eager import eager_norms, eager_reason
+from ..graph.kinds import BN_KINDS, is_plain, known_base, layer_kind
 from ..graph.readers import why_opaque
 from ..graph.runtime import RunRecord, record_run
+from ..graph.tracing import traced_report
 from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
 from .constants import BNConstants, bn_constants
 from .forwards import trace_own_forward
+from .observed import OBSERVED, observed_call, observed_fold
 from .plan import Analysis, NormCall, Proposal, consumer_plan, norm_problem, producer_plan
 from .report import Evidence
 
@@ -64,11 +69,13 @@ class Decision:
 
 @dataclass(eq=False)
 class Plan:
-    """Every norm call of a model with its decision, in graph order, and the analysis behind it."""
+    """Every norm call of a model with its decision (graph order, then the norms no graph holds), and
+    the analysis behind it."""
 
     analysis: Analysis
     decisions: list[Decision] = field(default_factory=list)
     owners: dict[int, fx.GraphModule] = field(default_factory=dict)  #: id(owner) -> its own forward's graph
+    run: RunRecord | None = None  #: the recorded run (part-by-part models with example inputs)
 
     def folded(self) -> list[Decision]:
         return [d for d in self.decisions if d.mode is not None]
@@ -256,9 +263,11 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
     an = analyze(model, traced, allow_hooks=allow_hooks)
     plan = Plan(an)
     run = None
+    eager = [(name, module, kind) for name, module, kind in eager_norms(traced)]
     if not an.complete and example_inputs is not None:
         watched = [t for m in model.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
-        run = record_run(model, example_inputs, watched=watched)
+        layers = [m for m in model.modules() if layer_kind(m) is not None and is_plain(m)]
+        run = record_run(model, example_inputs, watched=watched, producers=layers, norms=[m for _, m, _ in eager])
     bans: dict[int, str] = {}
     layer_bans: dict[tuple[int, int], str] = {}
     while True:
@@ -273,8 +282,35 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
             break
         bans.update(new_bans)
         layer_bans.update(new_layer_bans)
-    plan.decisions = decisions
-    for d in decisions:
+    plan.decisions = decisions + _observed(an, traced, eager, decisions, run)
+    plan.run = run
+    for d in plan.decisions:
         if d.mode is None and d.reason is None:
             d.reason = "cannot fold"
     return plan
+
+
+def _observed(an: Analysis, traced: nn.Module, eager: list[tuple[str, nn.Module, str]], decisions: list[Decision],
+              run: RunRecord | None) -> list[Decision]:
+    """Decisions for the norms no graph holds, from the recorded run (evidence "observed")."""
+    out: list[Decision] = []
+    taken = {id(d.layer) for d in decisions if d.mode is not None}
+    info = traced_report(traced)
+    for name, module, kind in eager:
+        call = observed_call(an, name, module, kind)
+        why = eager_reason(name, info)
+        decision = Decision(call, reason=why)
+        if kind in BN_KINDS and run is None:
+            decision.reason = f"{why} (with example_inputs a recorded run may show where it folds)"
+        elif kind in BN_KINDS and run is not None:
+            found = observed_fold(an, call, run, taken)
+            if isinstance(found, str):
+                decision.reason = f"{why}; {found}"
+            else:
+                layer, consts = found
+                taken.add(id(layer))
+                decision.mode, decision.layer, decision.layer_name = "into_producer", layer, an.name_of(layer)
+                decision.consts, decision.site, decision.evidence = consts, (OBSERVED, an.name_of(layer)), "observed"
+                decision.step = len(decisions) + len(out)
+        out.append(decision)
+    return out

@@ -25,7 +25,7 @@ FoldMode = Literal["into_producer", "into_consumer", "affine", "norm_affine_into
 #: The values of :data:`FoldMode`.
 MODES: tuple[FoldMode, ...] = get_args(FoldMode)
 #: How a fold was shown to be exact (:attr:`FoldedNorm.evidence`).
-Evidence = Literal["proven", "counted", "unverified"]
+Evidence = Literal["proven", "counted", "observed", "unverified"]
 
 
 @dataclass
@@ -37,8 +37,10 @@ class FoldedNorm:
     mode: FoldMode  #: "into_producer" | "into_consumer" | "affine" | "norm_affine_into_consumer"
     into: str  #: qualified name of the layer(s) it folded into (comma separated), or of the new affine module
     #: how the fold was shown exact: "proven" (the whole model is one graph), "counted" (traced part by part;
-    #: the example run called and read the layers only where the graphs do), "unverified" (part by part,
-    #: no example inputs: eager code might call them; strict=True refuses these)
+    #: the example run called and read the layers only where the graphs do), "observed" (the norm runs in
+    #: untraced code; the example run showed it fed by the layer alone, and the folded model gave the same
+    #: outputs on those inputs), "unverified" (part by part, no example inputs: eager code might call the
+    #: layers). strict=True refuses "observed" and "unverified" folds.
     evidence: Evidence = "proven"
 
 

@@ -5,7 +5,8 @@ A model traced part by part runs eager glue that symbolic tracing cannot see: it
 a traced part directly, or read a weight. :func:`record_run` runs the user's model once (``no_grad``,
 buffers restored afterwards) with a global forward pre-hook that counts module calls and a
 ``TorchFunctionMode`` that notes, for each watched tensor, the torch function and the innermost
-module of every call that reads it.
+module of every call that reads it. It also follows the outputs of chosen producer layers: which
+norm received each one, and every other call that read (or wrote) it — the dataflow of the run.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -39,25 +40,44 @@ class RunRecord:
     calls: Counter = field(default_factory=Counter)  #: id(module) -> calls
     #: id(tensor) -> [(torch function name, innermost module running it (None: the top level))]
     reads: dict[int, list[tuple[str, nn.Module | None]]] = field(default_factory=lambda: defaultdict(list))
+    #: id(norm) -> for each call: (the producer whose output it received, or None; that tensor's rank)
+    feeds: dict[int, list[tuple[nn.Module | None, int]]] = field(default_factory=lambda: defaultdict(list))
+    #: id(producer) -> for each of its outputs: every (torch function, innermost module) that read it
+    output_reads: dict[int, list[list[tuple[str, nn.Module | None]]]] = field(default_factory=lambda: defaultdict(list))
+    output: Any = None  #: what the model returned
+
+
+_METADATA = frozenset({"__get__", "size", "dim", "numel", "shape", "dtype", "device", "ndim", "stride",
+                       "is_contiguous", "element_size", "nelement", "ndimension", "get_device", "__len__"})
 
 
 class _Reads(TorchFunctionMode):
-    def __init__(self, watched: dict[int, torch.Tensor], record: RunRecord, stack: list[nn.Module]) -> None:
+    def __init__(self, watched: dict[int, torch.Tensor], record: RunRecord, stack: list[nn.Module],
+                 outputs: dict[int, tuple[torch.Tensor, list]]) -> None:
         super().__init__()
-        self.watched, self.record, self.stack = watched, record, stack
+        self.watched, self.record, self.stack, self.outputs = watched, record, stack, outputs
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        scope = self.stack[-1] if self.stack else None
         for value in tree_flatten((args, kwargs))[0]:
-            if isinstance(value, torch.Tensor) and id(value) in self.watched:
-                scope = self.stack[-1] if self.stack else None
-                self.record.reads[id(value)].append((getattr(func, "__name__", str(func)), scope))
+            if isinstance(value, torch.Tensor):
+                if id(value) in self.watched:
+                    self.record.reads[id(value)].append((name, scope))
+                held = self.outputs.get(id(value))
+                if held is not None and held[0] is value and name not in _METADATA:
+                    held[1].append((name, scope))
         return func(*args, **kwargs)
 
 
 @torch.no_grad()
-def record_run(model: nn.Module, example_inputs: tuple, *, watched: Iterable[torch.Tensor] = ()) -> RunRecord:
-    """Run ``model(*example_inputs)`` once and record module calls and reads of ``watched`` tensors.
+def record_run(model: nn.Module, example_inputs: tuple, *, watched: Iterable[torch.Tensor] = (),
+               producers: Iterable[nn.Module] = (), norms: Iterable[nn.Module] = ()) -> RunRecord:
+    """Run ``model(*example_inputs)`` once and record module calls, reads of ``watched`` tensors, and
+    the dataflow from ``producers`` (their outputs, who read them) to ``norms`` (what each received).
+
+    Long because the hooks that record the run are closures over its state.
 
     Raises:
         FxNormError: the model does not run on ``example_inputs`` (its buffers are restored first).
@@ -65,23 +85,39 @@ def record_run(model: nn.Module, example_inputs: tuple, *, watched: Iterable[tor
     record = RunRecord()
     stack: list[nn.Module] = []
     watch = {id(t): t for t in watched}
+    producer_ids, norm_ids = {id(m) for m in producers}, {id(m) for m in norms}
+    outputs: dict[int, tuple[torch.Tensor, list]] = {}  # live producer outputs (kept alive by this dict)
+    origin: dict[int, nn.Module] = {}
     saved = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
 
     def pre(module: nn.Module, args: Any) -> None:
         record.calls[id(module)] += 1
         stack.append(module)
+        if id(module) in norm_ids and args and isinstance(args[0], torch.Tensor):
+            held = outputs.get(id(args[0]))
+            source = origin.get(id(args[0])) if held is not None and held[0] is args[0] else None
+            record.feeds[id(module)].append((source, args[0].dim()))
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
         if stack and stack[-1] is module:
             stack.pop()
+        if id(module) in producer_ids and isinstance(out, torch.Tensor):
+            readers: list = []
+            outputs[id(out)] = (out, readers)
+            origin[id(out)] = module
+            record.output_reads[id(module)].append(readers)
 
     from torch.nn.modules import module as module_globals
 
     handles = [module_globals.register_module_forward_pre_hook(pre),
                module_globals.register_module_forward_hook(post, always_call=True)]
     try:
-        with _Reads(watch, record, stack):
-            model(*example_inputs)
+        with _Reads(watch, record, stack, outputs):
+            record.output = model(*example_inputs)
+        for value in flatten_outputs(record.output):  # a producer output returned as it is is read too
+            held = outputs.get(id(value))
+            if held is not None and held[0] is value:
+                held[1].append(("<returned>", None))
     except Exception as err:
         raise FxNormError(f"example_inputs do not run through {type(model).__name__}: {type(err).__name__}: "
                           f"{err}; pass a tuple of the positional arguments model(*example_inputs) accepts") from err

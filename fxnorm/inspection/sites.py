@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
+from ..folding.observed import OBSERVED
 from ..folding.planner import plan_folds
 from ..graph.shapes import record_shapes
 from ..graph.kinds import has_running_stats
@@ -265,17 +266,21 @@ def find_norms(model: nn.Module, *, leaf_modules: LeafModules = (), example_inpu
     plan = plan_folds(model, traced, example_inputs=None if inputs is None else tuple(inputs),
                       allow_hooks=allow_hooks)
     originals = {(prefix, n.name): (gm, n) for prefix, gm in graph_parts(traced) for n in gm.graph.nodes}
+    eager = {site.name: site for site in eager_sites(traced)}
     sites: list[NormSite] = []
     for d in plan.decisions:
-        gm, node = originals[d.call.key]
-        module = d.call.module
-        site = (_module_site(gm, d.call.prefix, d.call.name, node, module, d.call.kind) if module is not None
-                else _function_site(gm, d.call.prefix, node, d.call.kind, model))
-        site.name = d.call.name
+        if d.call.prefix == OBSERVED:  # a norm no graph holds: its site comes from the module
+            site = eager.pop(d.call.name)
+        else:
+            gm, node = originals[d.call.key]
+            module = d.call.module
+            site = (_module_site(gm, d.call.prefix, d.call.name, node, module, d.call.kind) if module is not None
+                    else _function_site(gm, d.call.prefix, node, d.call.kind, model))
+            site.name = d.call.name
         if d.mode is not None:
-            site.fold, site.fold_into, site.evidence = d.mode, d.layer_name, d.evidence
+            site.fold, site.fold_into, site.evidence, site.reason = d.mode, d.layer_name, d.evidence, None
         else:
             site.reason = d.reason
         sites.append(site)
-    sites.extend(eager_sites(traced))
+    sites.extend(eager.values())
     return sites

@@ -9,8 +9,9 @@ Two modes:
   with ``example_inputs`` (one recorded run checks the eager glue) against one eval forward of one
   image at the test input size (interleaved).
 * ``--coverage``: over the torchvision zoo (classification, segmentation, video, detection, or
-  ``--models``): batch norms in total, left after torch ``fuse``, left after fxnorm, and fxnorm's
-  worst relative output error (detection: per traced part, on the inputs it received).
+  ``--models``): batch norms in total, left after torch ``fuse``, left after fxnorm (folded with
+  the model's example inputs, as the command line does), and fxnorm's worst relative output error
+  (detection: per traced part, on the inputs it received).
 
 Ratios are computed from figures measured in the same run; nothing here is a test.
 
@@ -150,11 +151,11 @@ def coverage_row(name: str, device: str) -> dict[str, Any]:
         left_fuse = f"{total} (fuse fails: {type(err).__name__})"
     t0 = time.perf_counter()
     if zoo.family_of(name) == "detection":
-        folded, err = _part_errors(model, lambda m: fold(m, inplace=True), inputs)
+        folded, err = _part_errors(model, lambda m: fold(m, inplace=True, example_inputs=inputs), inputs)
     else:
         with torch.no_grad():
             ref = model(*inputs)
-        folded = fold(model, inplace=True)
+        folded = fold(model, inplace=True, example_inputs=inputs)
         with torch.no_grad():
             err = zoo.rel_err(folded(*inputs), ref)
     seconds = time.perf_counter() - t0

@@ -167,9 +167,31 @@ def fold_section(results: dict[str, Any]) -> str:
     if any(k.startswith("fxnorm/eval_b") for k in rows[0]):
         out += ["![latency relative to the unfolded eval model](fold_latency.png)", ""]
     out += [_fold_reading(rows, batches), ""]
-    out.append("Reproduce: `python examples/benchmarks/bench_fold.py` (`--device cuda` on a GPU). "
-               "[folding.md](folding.md) explains what folds and why.")
+    out += _detection_table(results.get("fold_detection"))
+    out.append("Reproduce: `python examples/benchmarks/bench_fold.py` (`--device cuda` on a GPU; `--detection` for "
+               "the part-by-part models). [folding.md](folding.md) explains what folds and why.")
     return "\n".join(out) + "\n"
+
+
+def _detection_table(data: dict[str, Any] | None) -> list[str]:
+    """Fold pass of part-by-part models against one eval forward (bench_fold.py --detection)."""
+    if not data:
+        return [missing("python examples/benchmarks/bench_fold.py --detection --threads 1 --json "
+                        "examples/benchmarks/results/fold_detection.json"), ""]
+    meta, rows = data.get("meta", {}), data["rows"]
+    return [
+        "**Models traced part by part** (torchvision detection models, one image at the test input size; "
+        f"torch threads: {meta.get('threads', '?')}). The fold pass (a copy, part-by-part tracing, the plan, "
+        "the changes) against one eval forward; with `example_inputs` the pass also records shapes and one run "
+        "of the eager glue (two more forwards).",
+        "",
+        table(["model", "eval forward (s)", "fold (s)", "fold / eval", "fold with example_inputs (s)",
+               "with inputs / eval"],
+              [[r["model"], _num(r["eval_s"], ".3f"), _num(r["fold_s"], ".3f"), _num(r["fold/eval"], ".2f"),
+                _num(r["fold_inputs_s"], ".3f"), _num(r["fold_inputs/eval"], ".2f")] for r in rows],
+              colalign=["left"] + ["right"] * 5),
+        "",
+    ]
 
 
 def _span(values: list[float], fmt: str = ".2f") -> str:

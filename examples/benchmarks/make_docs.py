@@ -15,7 +15,7 @@ checked without re-running anything). Plots need matplotlib (the ``bench`` extra
 Example:
     >>> from make_docs import BENCHMARKS
     >>> sorted(BENCHMARKS)
-    ['coverage', 'fold', 'recalibrate', 'shift', 'shift_sorted']
+    ['coverage', 'fold', 'fold_detection', 'recalibrate', 'shift', 'shift_sorted']
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ __all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benc
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "fold": ("fold.json", [PY, "examples/benchmarks/bench_fold.py", "--json", "{json}"]),
     "coverage": ("coverage.json", [PY, "examples/benchmarks/bench_fold.py", "--coverage", "--json", "{json}"]),
+    "fold_detection": ("fold_detection.json", [PY, "examples/benchmarks/bench_fold.py", "--detection", "--threads",
+                                               "1", "--json", "{json}"]),
     "recalibrate": ("recalibrate.json",
                     [PY, "examples/benchmarks/bench_recalibrate.py", "--threads", "1", "--json", "{json}"]),
     "shift": ("domain_shift.json", [PY, "examples/domain_shift.py", "--threads", "1", "--json", "{json}"]),
@@ -55,7 +57,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                      [PY, "examples/domain_shift.py", "--threads", "1", "--sorted", "--json", "{json}"]),
 }
 #: ``--run`` groups: "shift" runs both domain-shift variants.
-GROUPS = {"fold": ["fold"], "coverage": ["coverage"], "recalibrate": ["recalibrate"], "shift": ["shift", "shift_sorted"]}
+GROUPS = {"fold": ["fold", "fold_detection"], "coverage": ["coverage"], "recalibrate": ["recalibrate"], "shift": ["shift", "shift_sorted"]}
 META = "machine.json"
 
 
@@ -154,7 +156,7 @@ def load_results(results: str = RESULTS) -> dict[str, Any]:
 
     Example:
         >>> sorted(load_results())          # doctest: +ELLIPSIS
-        ['coverage', 'fold', 'machine', 'recalibrate', 'shift', 'shift_sorted']
+        ['coverage', 'fold', 'fold_detection', 'machine', 'recalibrate', 'shift', 'shift_sorted']
     """
     found: dict[str, Any] = {name: _read(os.path.join(results, filename)) for name, (filename, _) in BENCHMARKS.items()}
     found["machine"] = _read(os.path.join(results, META))

@@ -2,10 +2,10 @@
 eval forward over the same batches vs. ``torch.optim.swa_utils.update_bn`` (and fvcore's
 ``update_bn_stats`` when fvcore is installed).
 
-Throughput is images per second over the whole call (tracing, hooks and the write-back included
-for fxnorm). The statistics error of each method is measured against float64 statistics computed
-directly from the inputs every norm receives (captured with the norms in training mode and every
-other module in eval mode), and fxnorm's also against the inputs its own observers received, on an
+Throughput is images per second over the whole call (hooks and the write-back included for fxnorm).
+The statistics error of each method is measured against float64 statistics computed directly from
+the inputs every norm receives (captured with the norms in training mode and every other module in
+eval mode), and fxnorm's also against the inputs its norms received in its own run, on an
 unshuffled loader: the batches drift (batch ``i`` is offset by
 ``0.1 * i``) and the last batch is short. Peak memory is the peak of the tensor memory allocated
 during each call (the PyTorch profiler's allocation records on a CPU, the allocator's peak on a GPU).
@@ -71,7 +71,7 @@ machine); fxnorm_speedup / fxnorm_cpu_speedup = fxnorm's throughput over the met
 var_rel_err = worst channel of any norm against float64 statistics of the inputs each norm receives in a
 reference forward (norms in training mode, every other module in eval mode; deep random networks amplify
 float32 rounding between two forwards by ~1e-6); own_inputs_var_rel_err = fxnorm against the inputs its
-own observers received (the estimator's error alone); columns without a suffix are on the unshuffled
+own norms received in its run (the estimator's error alone); columns without a suffix are on the unshuffled
 (drifting) loader, "_shuffled" on the same images shuffled;
 peak_mb = peak tensor memory allocated during the call (CPU: PyTorch profiler's allocation records; CUDA:
 allocator peak); the speed columns are measured in a fresh process with glibc's default heap, and again with a
@@ -145,19 +145,16 @@ def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """fxnorm's error against float64 statistics of the inputs its own observers received."""
-    from fxnorm.calibration.observers import NormObserver
-
-    prepared = calibrate.prepare_recalibration(model)
+    """fxnorm's error against float64 statistics of the inputs its norms received in the same run
+    (captured by forward pre-hooks on the norms: the calibration runs the model itself)."""
     seen: dict[str, list[torch.Tensor]] = {}
-    for m in prepared.modules():
-        if isinstance(m, NormObserver):
-            m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(
-                channel_rows(mod.norm_input(args[0]))))
-    with torch.inference_mode():
-        for b in batches:
-            prepared(b)
-    calibrate.finish_recalibration(prepared)
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(
+        channel_rows(args[0]))) for name, m in stat_norms(model)]
+    try:
+        calibrate.recalibrate(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
     return stats_error(model, moments(seen))
 
 

@@ -214,20 +214,22 @@ class Engine:
     def install(self) -> None:
         ref = weakref.ref(self)
 
+        # a copy of the model (copy.deepcopy) carries these hooks along: they only act on the model itself
         def root_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             engine = ref()
-            if engine is not None:  # the caller's frame lives as long as this model call
+            if engine is not None and module is engine.model:  # the caller's frame lives as long as this call
                 engine.root_pre(sys._getframe(1), args, kwargs)
 
         def root_post(module: nn.Module, args: tuple, kwargs: dict[str, Any], result: Any) -> None:
             engine = ref()
-            if engine is not None:
+            if engine is not None and module is engine.model:
                 engine.root_post()
 
         def norm_pre(module: nn.Module, args: tuple) -> None:
             engine = ref()
-            if engine is not None:
-                engine.norm_pre(engine.by_module[id(module)])
+            target = engine.by_module.get(id(module)) if engine is not None else None
+            if engine is not None and target is not None and target.module is module:
+                engine.norm_pre(target)
 
         try:
             self.handles.append(self.model.register_forward_pre_hook(root_pre, prepend=True, with_kwargs=True))
@@ -285,8 +287,8 @@ class RecalibrationSession:
             raise CalibrationError(f"lazy norm(s) {', '.join(lazy)} are not initialized yet: run one forward through "
                                    "the model first (or select other norms)")
         targets = [NormTarget.for_module(name, m) for name, m in chosen]
-        busy = {id(t.running_mean) for engine in list(_OPEN) for t in engine.targets}
-        taken = [t.label for t in targets if id(t.running_mean) in busy]
+        busy = {id(t.running_mean): t.label for engine in list(_OPEN) for t in engine.targets}
+        taken = [busy[id(t.running_mean)] for t in targets if id(t.running_mean) in busy]
         if taken:
             raise CalibrationError(f"norm(s) {', '.join(taken[:6])} are already in a recalibration session: finish "
                                    "or close it first (fxnorm.finish_recalibration(session) or session.close())")

@@ -7,8 +7,9 @@ answers the call: it normalizes the input the way the norm does in training mode
 statistics of the batch) and records those statistics; it never touches the norm's own buffers.
 
 Batch norms on a CPU with contiguous input are reduced to per-(sample, channel) sums and sums of
-squares and normalized with one eval-mode pass (:mod:`fxnorm.calibration.fast_path`). Elsewhere
-(CUDA, channels-last...) one ``torch.batch_norm`` call in training mode (cuDNN on GPUs) with
+squares and normalized with one eval-mode pass, small ones in float64 at once
+(:mod:`fxnorm.calibration.fast_path`). Elsewhere (CUDA, large channels-last batches...) one
+``torch.batch_norm`` call in training mode (cuDNN on GPUs) with
 ``momentum=1`` writes the batch mean and the unbiased batch variance into a row of a small scratch
 table instead of the norm's buffers. Either way the per-batch statistics wait in that table; every
 :data:`ROWS` batches (and at the end) it is checked for NaN/Inf and folded into float64 totals with
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CalibrationError, NonFiniteStatistics
-from .fast_path import PlaneScratch, plane_statistics
+from .fast_path import SMALL, PlaneScratch, plane_statistics, small_statistics
 from .moments import ChannelMoments
 
 __all__ = ["ROWS", "Tally", "NormTarget", "observe_batch_norm", "observe_instance_norm"]
@@ -232,10 +233,14 @@ def observe_batch_norm(target: NormTarget, tally: Tally, input: Tensor, weight: 
         return F.batch_norm(input, target.running_mean, target.running_var, weight, bias, False, 0.0, eps)
     dtype = _float_params(input.dtype)
     weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    if input.device.type == "cpu" and input.is_contiguous():
+    if input.device.type == "cpu" and (input.numel() < SMALL or input.is_contiguous()):
         row, _, _ = target.slot(input.device, torch.float64)
-        out = plane_statistics(input, weight, bias, eps, row, dtype, target.scratch)
-        target.commit(n, tally.batch, unbiased=False)
+        small = input.numel() < SMALL
+        if small:
+            out = small_statistics(input, weight, bias, eps, row, dtype)
+        else:
+            out = plane_statistics(input, weight, bias, eps, row, dtype, target.scratch)
+        target.commit(n, tally.batch, unbiased=small)
         return out
     _, row_mean, row_var = target.slot(input.device, dtype)
     out = torch.batch_norm(input, weight, bias, row_mean, row_var, True, 1.0, eps, torch.backends.cudnn.enabled)

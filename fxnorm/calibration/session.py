@@ -54,7 +54,7 @@ from .interception import NormInterceptor, remove_mode
 from .observers import NormTarget, Tally, observe_batch_norm, observe_instance_norm
 from .selection import Select, lazy_uninitialized, select_norms
 
-__all__ = ["RecalibrationSession", "unwrap", "set_training"]
+__all__ = ["RecalibrationSession", "Engine", "unwrap", "set_training"]
 
 _SCOPE = object()  # owner of a forward started by RecalibrationSession.batch()
 _OPEN: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines with hooks installed (for overlap checks)
@@ -110,10 +110,10 @@ class _Forward:
 
     owner: Any  #: _SCOPE, or the frame of the model call that started it
     thread: int
-    outer: BaseException | None  #: the exception being handled around the call (not a failure of ours)
+    #: per model call in flight, the exception being handled around it (not a failure of the call)
+    outer: list[BaseException | None]
     flipped: list[nn.Module]
     samples: int | None
-    depth: int = 1
 
 
 class Engine:
@@ -147,7 +147,8 @@ class Engine:
         for m in flipped:
             set_training(m, False)
         self.tally.batch += 1
-        self.forward = _Forward(owner, threading.get_ident(), sys.exc_info()[1], flipped, samples)
+        calls = [] if owner is _SCOPE else [sys.exc_info()[1]]
+        self.forward = _Forward(owner, threading.get_ident(), calls, flipped, samples)
         self.mode.__enter__()
 
     def end(self, ok: bool, why: str = "raised") -> None:
@@ -186,19 +187,19 @@ class Engine:
         if forward is None:
             self.begin(call, batch_size(args, kwargs))
             return
-        forward.depth += 1  # the model called again inside a forward, or inside session.batch()
+        forward.outer.append(sys.exc_info()[1])  # the model called inside a forward, or inside session.batch()
         if forward.samples is None:
             forward.samples = batch_size(args, kwargs)
 
     def root_post(self) -> None:
         forward = self.forward
-        if forward is None or forward.thread != threading.get_ident():
+        if forward is None or forward.thread != threading.get_ident() or not forward.outer:
             return
-        failed = sys.exc_info()[1] is not None and sys.exc_info()[1] is not forward.outer
+        outer = forward.outer.pop()
+        failed = sys.exc_info()[1] is not None and sys.exc_info()[1] is not outer
         if failed and self.tally.failed is None:
             self.tally.failed = f"the forward of batch {self.tally.batch} raised"
-        forward.depth -= 1
-        if forward.depth == 0:
+        if not forward.outer and forward.owner is not _SCOPE:
             self.end(not failed)
 
     def norm_pre(self, target: NormTarget) -> None:

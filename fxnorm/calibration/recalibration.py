@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import CalibrationError, DataError, FxNormError, NonFiniteStatistics
+from ..errors import CalibrationError, DataError, FxNormError
 from ..reports import record_report
 from .batches import batches_of, default_forward, model_device, to_device
-from .observers import NormTarget
 from .report import CalibrationReport, ResetReport, layer_stats
 from .selection import Select, lazy_uninitialized, select_norms
 from .session import RecalibrationSession
+from .writing import build_report, gather, local_checks, new_statistics
 
 __all__ = ["reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
 
@@ -117,109 +117,6 @@ def prepare_recalibration(model: nn.Module, *, select: Select = None) -> Recalib
     return RecalibrationSession.open(model, select)
 
 
-def _first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
-    """The NaN/Inf error of the earliest batch, and within it of the first norm reached."""
-    found = [(bad, t.order, t) for t in targets if (bad := t.first_bad()) is not None]
-    if not found:
-        return None
-    batch, _, target = min(found, key=lambda f: (f[0], f[1]))
-    return target.bad_error(batch)
-
-
-def _all_reduce(targets: list[NormTarget]) -> None:
-    for t in targets:
-        t.moments.all_reduce()
-    device = targets[0].moments.device
-    counts = torch.tensor([[t.calls, t.updates, t.skipped] for t in targets], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
-        t.calls, t.updates, t.skipped = calls, updates, skipped
-
-
-_NO_BATCH = ("no batch was run through the model since prepare_recalibration(): nothing to write; the model is "
-             "unchanged (a model compiled with torch.compile after prepare_recalibration, or a copy of the model, "
-             "does not run fxnorm's hooks: run the batches through the model given to prepare_recalibration)")
-
-
-def _local_checks(session: RecalibrationSession) -> None:
-    """What must hold on this process before anything is merged (raises the first problem)."""
-    session.end_interrupted()
-    tally = session.tally
-    if tally.failed:
-        raise CalibrationError(f"{tally.failed}: the statistics gathered since prepare_recalibration() are incomplete "
-                               "and were not written; the model is unchanged (call fxnorm.prepare_recalibration(model) "
-                               "again)")
-    if tally.num_batches == 0:
-        raise DataError(_NO_BATCH)
-    failure = _first_failure(session.targets)
-    if failure is not None:
-        raise failure
-
-
-def _gather(session: RecalibrationSession, all_reduce: bool) -> None:
-    """Local checks, then (distributed) a vote so that every rank fails together, then the merge."""
-    local: FxNormError | None = None
-    try:
-        _local_checks(session)
-    except FxNormError as err:
-        local = err
-    if all_reduce:
-        device = session.targets[0].moments.device
-        votes = torch.tensor([1.0 if local is not None else 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(votes)
-        if local is None and votes.item() > 0:
-            local = CalibrationError(f"{int(votes.item())} other process(es) failed to calibrate: nothing was written")
-    if local is not None:
-        raise local
-    for t in session.targets:
-        t.flush()
-    if all_reduce:
-        _all_reduce(session.targets)
-
-
-def _new_statistics(session: RecalibrationSession) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The values to write, by target id, cast to the buffers' dtype and checked."""
-    new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for t in session.targets:
-        if t.module.running_mean is not t.running_mean or t.module.running_var is not t.running_var:
-            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare_recalibration() "
-                                   "(model.to()?): nothing was written; prepare again after moving the model")
-        if t.updates == 0 or t.count < 2:
-            continue
-        mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
-        var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
-        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-            raise NonFiniteStatistics(
-                f"norm '{t.label}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
-                f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
-                "nothing was written")
-        new[id(t)] = (mean, var)
-    if not new:
-        raise CalibrationError(f"none of the {len(session.targets)} chosen norms was reached with usable data by the "
-                               f"{session.tally.num_batches} batch(es) (check the forward and the batch sizes); "
-                               "the model is unchanged")
-    return new
-
-
-def _unsupported(t: NormTarget) -> str:
-    return (f"{type(t.module).__name__} ran {t.module_calls} time(s) without calling batch_norm/instance_norm with "
-            "its own running_mean and running_var (its forward normalizes some other way, or with copies of the "
-            "buffers): its statistics are left as they are")
-
-
-def _report(session: RecalibrationSession, layers: list, new: dict) -> CalibrationReport:
-    targets, tally = session.targets, session.tally
-    return CalibrationReport(
-        layers=layers,
-        unreached=[t.name for t in targets if t.calls == 0 and t.module_calls == 0],
-        skipped_batches={t.name: t.skipped for t in targets if t.skipped},
-        num_batches=tally.num_batches,
-        num_samples=tally.num_samples,
-        unusable=[t.name for t in targets if t.calls and id(t) not in new],
-        unsupported={t.name: _unsupported(t) for t in targets if t.calls == 0 and t.module_calls},
-    )
-
-
 def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | None = None) -> nn.Module:
     """Write the statistics gathered by a session of :func:`prepare_recalibration` into the model's
     norms, remove the session's hooks, and return the model.
@@ -264,9 +161,9 @@ def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | No
     try:
         with torch.no_grad():
             if not all_reduce:
-                _local_checks(session)  # a failure here leaves the session usable (run batches, finish again)
-            _gather(session, all_reduce)
-            new = _new_statistics(session)
+                local_checks(session)  # a failure here leaves the session usable (run batches, finish again)
+            gather(session, all_reduce)
+            new = new_statistics(session)
             order = sorted((t for t in session.targets if id(t) in new), key=lambda t: t.order)
             layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
                                   float(getattr(t.module, "eps", 1e-5))) for t in order]
@@ -284,7 +181,7 @@ def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | No
         raise  # no batch yet: the session stays open (run batches, finish again)
     session.finished = True
     session.close()
-    record_report(session.result, _report(session, layers, new))
+    record_report(session.result, build_report(session, layers, new))
     return session.result
 
 

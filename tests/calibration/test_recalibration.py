@@ -372,6 +372,32 @@ def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
     assert [s.name for s in report.layers] == ["3"] and model.training
 
 
+def test_batch_size_one_biases_deeper_norms_and_select_recalibrates_level_by_level():
+    """At batch size 1 every earlier norm normalizes with the statistics of one sample, so a deeper
+    norm receives other inputs than at inference (pitfall 9: too little variance, or here too much):
+    its statistics are exact for what it received, not for what it gets in eval mode. Recalibrating one norm at a time in forward order
+    with ``select`` (the others run in eval mode with their new statistics) gives every norm the
+    statistics of its eval-mode input."""
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3),
+                                          nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6))).eval()
+    data = drifting((1,) * 12, (3, 9, 9), step=0.3)
+
+    def eval_inputs(m: nn.Module) -> dict[str, list[torch.Tensor]]:
+        with capture_norm_inputs(m) as seen, torch.no_grad():
+            for x in data:
+                m(x)
+        return seen
+
+    joint = recalibrate(copy.deepcopy(model), data)
+    mean, var, _ = float64_moments(eval_inputs(joint)["7"], unbiased=True)
+    assert ((joint[7].running_var.double() - var).abs() / var).max().item() > 0.05  # not its eval-mode input
+    for name in ("1", "4", "7"):  # forward order
+        recalibrate(model, data, select=name)
+    for name, inputs in eval_inputs(model).items():
+        assert_stats(model.get_submodule(name), *float64_moments(inputs, unbiased=True)[:2])
+
+
 def test_num_batches_limits_the_data():
     bn = nn.BatchNorm1d(3)
     batches = drifting((4, 4, 4, 4), (3,))

@@ -24,7 +24,7 @@ import zoo
 from devices import DEVICES
 
 from helpers import STAT_BUFFERS, assert_model_unchanged, capture_norm_inputs, float64_moments, model_snapshot
-from fxnorm import finish_recalibration, prepare_recalibration, report_of, CalibrationReport
+from fxnorm import recalibrate, report_of, CalibrationReport
 from fxnorm.calibration.selection import stat_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,11 +78,8 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
         model(batches[0][0])
     snap = model_snapshot(model.train())
 
-    with capture_norm_inputs(model) as captured, prepare_recalibration(model) as session:
-        with torch.inference_mode():
-            for batch in batches:
-                model(batch[0])
-        out = finish_recalibration(session)
+    with capture_norm_inputs(model) as captured:
+        out = recalibrate(model, batches)  # (x,) batches: model(x)
     seen = {k: v for k, v in captured.items() if v}
     report = report_of(out, CalibrationReport)
 

@@ -9,7 +9,7 @@ Example:
     >>> with RecalibrationSession.open(bn) as session:
     ...     _ = bn(torch.randn(4, 2))
     >>> local_checks(session); gather(session, all_reduce=False)
-    >>> [tuple(v.shape) for v in new_statistics(session).values()]
+    >>> [tuple(mean.shape) for mean, var in new_statistics(session).values()]
     [(2,)]
 """
 

@@ -337,8 +337,7 @@ def recalibrate_section(results: dict[str, Any]) -> str:
            "a model and recalibrates it: large blocks are new pages at every allocation, and their page faults are "
            "a large part of the time), and again in a fresh process whose heap keeps freed memory (`warm heap`: "
            "`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, as in a long-running process that served tensors "
-           "of these sizes before; no page faults, every method is faster, and an eval forward gains most since "
-           "it allocates a new output for every norm).", ""]
+           "of these sizes before; no page faults, every method is faster).", ""]
           if "warm" in meta.get("heaps", []) else []),
         "Statistics error: the worst channel of any norm against float64 statistics computed directly from the "
         "inputs each norm receives (norms normalizing with batch statistics, every other module in eval mode): "

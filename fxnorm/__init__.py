@@ -14,6 +14,7 @@ from typing import Any
 from .calibration.recalibration import finish_recalibration, prepare_recalibration, recalibrate, reset
 from .calibration.report import CalibrationReport, LayerStats, ResetReport
 from .calibration.selection import Select
+from .calibration.session import RecalibrationSession
 from .compat import install_aliases, resolve_renamed
 from .errors import (
     CalibrationError,
@@ -76,6 +77,7 @@ __all__ = [
     "recalibrate",
     "prepare_recalibration",
     "finish_recalibration",
+    "RecalibrationSession",
     "Select",
     "CalibrationReport",
     "LayerStats",

@@ -44,7 +44,7 @@ OLD_MODULES: dict[str, tuple[str, ...]] = {
     "fxnorm.stats": ("fxnorm.calibration.moments",),
     "fxnorm.observers": ("fxnorm.calibration.observers", "fxnorm.errors"),
     "fxnorm.plane_stats": ("fxnorm.calibration.fast_path",),
-    "fxnorm.calib_graph": ("fxnorm.calibration.graph_rewrite", "fxnorm.calibration.fast_path"),
+    "fxnorm.calib_graph": ("fxnorm.calibration.session", "fxnorm.calibration.fast_path"),
     "fxnorm.calib_data": ("fxnorm.calibration.batches",),
     "fxnorm.calib_report": ("fxnorm.calibration.report",),
     "fxnorm.select": ("fxnorm.calibration.selection",),

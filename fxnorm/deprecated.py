@@ -3,7 +3,9 @@
 - ``fold_report(folded)`` and ``trace_report(traced)``: use ``fxnorm.report_of(result, FoldReport)``
   and ``fxnorm.report_of(result, TraceReport)``.
 - ``prepare(model)`` and ``convert(prepared, report=False)``: use :func:`fxnorm.prepare_recalibration`
-  and :func:`fxnorm.finish_recalibration` (the report comes from :func:`fxnorm.report_of`).
+  and :func:`fxnorm.finish_recalibration` (the report comes from :func:`fxnorm.report_of`). ``prepare``
+  still returns something to run the batches through (a :class:`PreparedModel`, which calls the
+  model itself inside the new session), and ``convert`` finishes that session.
 
 Example:
     >>> import warnings, torch.nn as nn, fxnorm
@@ -25,12 +27,13 @@ import torch.nn as nn
 from .calibration.recalibration import finish_recalibration, prepare_recalibration
 from .calibration.report import CalibrationReport
 from .calibration.selection import Select
+from .calibration.session import RecalibrationSession
 from .folding.planner import plan_folds
 from .folding.report import FoldReport
 from .graph.tracing import TraceReport, traced_report
 from .reports import report_of
 
-__all__ = ["fold_report", "trace_report", "prepare", "convert", "FoldPlan", "plan_norm"]
+__all__ = ["fold_report", "trace_report", "prepare", "convert", "PreparedModel", "FoldPlan", "plan_norm"]
 
 
 def _warn(old: str, new: str) -> None:
@@ -50,17 +53,37 @@ def trace_report(traced: nn.Module) -> TraceReport:
     return traced_report(traced)
 
 
-def prepare(model: nn.Module, *, select: Select = None) -> nn.Module:
-    """Deprecated: :func:`fxnorm.prepare_recalibration`."""
+class PreparedModel(nn.Module):
+    """What the deprecated ``prepare`` returns: calling it runs the model itself (whose session
+    gathers the statistics); ``convert`` finishes the session."""
+
+    def __init__(self, session: RecalibrationSession) -> None:
+        super().__init__()
+        self.__dict__["session"] = session  # not a submodule: the model is the user's, not ours
+
+    @property
+    def recalibration(self) -> RecalibrationSession:
+        """The session ``prepare`` opened."""
+        session: RecalibrationSession = self.__dict__["session"]
+        return session
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.recalibration.model(*args, **kwargs)
+
+
+def prepare(model: nn.Module, *, select: Select = None) -> PreparedModel:
+    """Deprecated: :func:`fxnorm.prepare_recalibration` (run the batches through the model itself)."""
     _warn("prepare", "fxnorm.prepare_recalibration")
-    return prepare_recalibration(model, select=select)
+    return PreparedModel(prepare_recalibration(model, select=select))
 
 
-def convert(prepared: nn.Module, *, report: bool = False, all_reduce: bool | None = None) -> Any:
+def convert(prepared: PreparedModel | RecalibrationSession, *, report: bool = False,
+            all_reduce: bool | None = None) -> Any:
     """Deprecated: :func:`fxnorm.finish_recalibration` (and ``fxnorm.report_of(model, CalibrationReport)``
     instead of ``report=True``)."""
     _warn("convert", "fxnorm.finish_recalibration")
-    model = finish_recalibration(prepared, all_reduce=all_reduce)
+    session = prepared.recalibration if isinstance(prepared, PreparedModel) else prepared
+    model = finish_recalibration(session, all_reduce=all_reduce)
     return (model, report_of(model, CalibrationReport)) if report else model
 
 

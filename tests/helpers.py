@@ -5,7 +5,10 @@
   identity;
 - :func:`float64_moments`: the float64 reference of a norm's population statistics;
 - :func:`one_thread`: run a block with one intra-op thread (a fixture of the same name is in
-  ``conftest.py``).
+  ``conftest.py``);
+- :func:`model_snapshot`, :func:`assert_model_unchanged`: everything a pass may not change in a
+  model (values, objects, attributes, hooks, modes, classes, children), compared bitwise;
+- :func:`capture_norm_inputs`: record what every norm module receives (forward pre-hooks).
 
 Example:
     >>> import torch
@@ -25,7 +28,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-__all__ = ["rel_err", "flatten_outputs", "randomize_norms", "float64_moments", "one_thread"]
+__all__ = ["rel_err", "flatten_outputs", "randomize_norms", "float64_moments", "one_thread", "model_snapshot",
+           "assert_model_unchanged", "capture_norm_inputs", "STAT_BUFFERS"]
 
 
 @contextlib.contextmanager
@@ -147,3 +151,116 @@ def rel_err(a: Any, b: Any) -> float:
     if diff == 0.0:
         return 0.0
     return diff / ref if ref > 0 else math.inf
+
+
+#: The buffers recalibration writes.
+STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+
+
+def _attribute(value: Any) -> Any:
+    """A comparable record of one module attribute (tensors cloned, containers of hooks copied)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value, value.detach().clone())
+    if isinstance(value, dict):
+        return ("dict", value, [(k, v, v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                                for k, v in value.items()])
+    if isinstance(value, (list, tuple, set)):
+        return ("container", value, [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in value])
+    return ("value", value, None)
+
+
+def model_snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything of ``model`` a pass may not change, for :func:`assert_model_unchanged`: every
+    module's class, identity, training flag and ``__dict__`` (parameters, buffers and children as
+    objects and values, every hook dict, every other attribute), the global module hooks and the
+    torch-function mode stack.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2))
+        >>> snap = model_snapshot(m)
+        >>> assert_model_unchanged(m, snap)
+        >>> _ = m[0].register_forward_hook(lambda *a: None)
+        >>> assert_model_unchanged(m, snap)
+        Traceback (most recent call last):
+        ...
+        AssertionError: 0: attribute _forward_hooks changed
+    """
+    from torch.nn.modules import module as module_mod
+
+    modules = {name: (m, type(m), {k: _attribute(v) for k, v in m.__dict__.items()})
+               for name, m in model.named_modules(remove_duplicate=False)}
+    hooks = {name: dict(getattr(module_mod, name, {})) for name in _GLOBAL_HOOKS}
+    return {"modules": modules, "global_hooks": hooks, "modes": torch._C._len_torch_function_stack()}
+
+
+def _same(before: tuple, now: Any, skip: set[str]) -> bool:
+    kind, obj, copied = before
+    if kind == "container":  # compared by value: a model's forward may rebuild a list (torchvision's cell_anchors)
+        return type(now) is type(obj) and len(now) == len(copied) and all(
+            (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b))
+            or (not isinstance(b, torch.Tensor) and (a is b or _equal(a, b))) for a, b in zip(now, copied))
+    if now is not obj and not (kind == "value" and _equal(now, obj)):
+        return False
+    if kind == "tensor":
+        return now.dtype == copied.dtype and torch.equal(now, copied)
+    if kind == "dict":
+        items = list(now.items())
+        return len(items) == len(copied) and all(
+            k == k2 and v is v2 and (k in skip or not isinstance(v, torch.Tensor) or torch.equal(v, c))
+            for (k, v), (k2, v2, c) in zip(items, copied))
+    return True
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def assert_model_unchanged(model: nn.Module, snap: dict[str, Any], *, except_buffers: dict[str, tuple[str, ...]] | None
+                           = None) -> None:
+    """``model`` is exactly as :func:`model_snapshot` recorded it; ``except_buffers`` maps module names
+    to buffer names whose *values* may differ (the objects may not)."""
+    from torch.nn.modules import module as module_mod
+
+    now = dict(model.named_modules(remove_duplicate=False))
+    assert list(now) == list(snap["modules"]), "the module tree changed"
+    for name, (module, cls, attributes) in snap["modules"].items():
+        assert now[name] is module and type(module) is cls, f"{name}: module replaced"
+        assert list(module.__dict__) == list(attributes), f"{name}: attributes added or removed"
+        skip = set((except_buffers or {}).get(name, ()))
+        for key, before in attributes.items():
+            assert _same(before, module.__dict__[key], skip if key == "_buffers" else set()), \
+                f"{name}: attribute {key} changed"
+    for key, hooks in snap["global_hooks"].items():
+        assert dict(getattr(module_mod, key, {})) == hooks, f"global {key} changed"
+    assert torch._C._len_torch_function_stack() == snap["modes"], "a torch function mode was left on the stack"
+
+
+@contextlib.contextmanager
+def capture_norm_inputs(model: nn.Module, names: Sequence[str] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Inside the block, every input of the norm modules ``names`` (default: every module with a
+    ``running_mean`` buffer) is recorded, cloned, by qualified name; the hooks go away after it.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> with capture_norm_inputs(nn.Sequential(bn)) as seen:
+        ...     _ = bn(torch.ones(3, 2))
+        >>> {k: [tuple(x.shape) for x in v] for k, v in seen.items()}
+        {'0': [(3, 2)]}
+    """
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if (names is None and isinstance(getattr(m, "running_mean", None), torch.Tensor)) or (names and name in names):
+            seen[name] = []
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen[name].append(args[0].detach().clone())))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

@@ -2,10 +2,10 @@
 eval forward over the same batches vs. ``torch.optim.swa_utils.update_bn`` (and fvcore's
 ``update_bn_stats`` when fvcore is installed).
 
-Throughput is images per second over the whole call (tracing, hooks and the write-back included
-for fxnorm). The statistics error of each method is measured against float64 statistics computed
-directly from the inputs every norm receives (captured with the norms in training mode and every
-other module in eval mode), and fxnorm's also against the inputs its own observers received, on an
+Throughput is images per second over the whole call (hooks and the write-back included for fxnorm).
+The statistics error of each method is measured against float64 statistics computed directly from
+the inputs every norm receives (captured with the norms in training mode and every other module in
+eval mode), and fxnorm's also against the inputs its norms received in its own run, on an
 unshuffled loader: the batches drift (batch ``i`` is offset by
 ``0.1 * i``) and the last batch is short. Peak memory is the peak of the tensor memory allocated
 during each call (the PyTorch profiler's allocation records on a CPU, the allocator's peak on a GPU).
@@ -71,7 +71,7 @@ machine); fxnorm_speedup / fxnorm_cpu_speedup = fxnorm's throughput over the met
 var_rel_err = worst channel of any norm against float64 statistics of the inputs each norm receives in a
 reference forward (norms in training mode, every other module in eval mode; deep random networks amplify
 float32 rounding between two forwards by ~1e-6); own_inputs_var_rel_err = fxnorm against the inputs its
-own observers received (the estimator's error alone); columns without a suffix are on the unshuffled
+own norms received in its run (the estimator's error alone); columns without a suffix are on the unshuffled
 (drifting) loader, "_shuffled" on the same images shuffled;
 peak_mb = peak tensor memory allocated during the call (CPU: PyTorch profiler's allocation records; CUDA:
 allocator peak); the speed columns are measured in a fresh process with glibc's default heap, and again with a
@@ -110,28 +110,51 @@ def channel_rows(x: torch.Tensor) -> torch.Tensor:
     return x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()
 
 
-def moments(captured: dict[str, list[torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Mean and unbiased variance per channel of each norm's captured :func:`channel_rows`."""
-    out = {}
-    for name, xs in captured.items():
-        if xs:
-            values = torch.cat(xs, 1)
-            out[name] = (values.mean(1), values.var(1))
-    return out
+class Float64Moments:
+    """Per-channel count, mean and centred sum of squares of every value added, in float64: each
+    batch's rows in float64 with two passes, merged exactly (Chan et al.). One batch at a time in
+    memory (keeping every float64 input of resnet50 would take ~10 GB)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, rows: torch.Tensor) -> None:
+        n = rows.shape[1]
+        mean = rows.mean(1)
+        m2 = (rows - mean[:, None]).square().sum(1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased variance."""
+        return self.mean, self.m2 / (self.count - 1)
+
+
+def capture_moments(named: list[tuple[str, nn.Module]]) -> tuple[dict[str, Float64Moments], list[Any]]:
+    """Forward pre-hooks adding every input of the ``named`` norms to a :class:`Float64Moments`
+    each; returns those and the hook handles."""
+    found = {name: Float64Moments() for name, _ in named}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: found[name].add(channel_rows(args[0])))
+               for name, m in named]
+    return found, handles
 
 
 def reference(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Float64 mean and unbiased variance of every norm's input over all batches."""
     ref = copy.deepcopy(model).eval()
-    captured: dict[str, list[torch.Tensor]] = {}
-    for name, m in stat_norms(ref):
+    for _, m in stat_norms(ref):
         m.train()
-        captured[name] = []
-        m.register_forward_pre_hook(lambda mod, args, name=name: captured[name].append(channel_rows(args[0])))
+    found, _ = capture_moments(stat_norms(ref))
     with torch.no_grad():
         for b in batches:
             ref(b)
-    return moments(captured)
+    return {name: f.result() for name, f in found.items() if f.count}
 
 
 def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
@@ -145,20 +168,15 @@ def stats_error(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def estimator_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """fxnorm's error against float64 statistics of the inputs its own observers received."""
-    from fxnorm.calibration.observers import NormObserver
-
-    prepared = calibrate.prepare_recalibration(model)
-    seen: dict[str, list[torch.Tensor]] = {}
-    for m in prepared.modules():
-        if isinstance(m, NormObserver):
-            m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.target.name, []).append(
-                channel_rows(mod.norm_input(args[0]))))
-    with torch.inference_mode():
-        for b in batches:
-            prepared(b)
-    calibrate.finish_recalibration(prepared)
-    return stats_error(model, moments(seen))
+    """fxnorm's error against float64 statistics of the inputs its norms received in the same run
+    (captured by forward pre-hooks on the norms: the calibration runs the model itself)."""
+    found, handles = capture_moments(stat_norms(model))
+    try:
+        calibrate.recalibrate(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats_error(model, {name: f.result() for name, f in found.items() if f.count})
 
 
 def sync(device: str) -> None:

@@ -11,10 +11,14 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tabulate import tabulate
+
+#: docs/, where the plots are (a plot is shown only when it was drawn)
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
 
 __all__ = ["SECTIONS", "table", "missing", "shift_section", "fold_section", "coverage_section", "family_of",
            "coverage_by_family", "recalibrate_section"]
@@ -343,7 +347,7 @@ def recalibrate_section(results: dict[str, Any]) -> str:
         f"{n} batches of {bs}x3x{size}x{size} images, the last one short. Speed is measured on an unshuffled loader "
         "whose batches drift (batch *i* is offset by 0.1·*i*) — the same batches for every method; the statistics "
         "error on that loader and on a shuffled one (the same images in a random order, the same batch sizes). "
-        "Throughput is images per second over the whole call (fxnorm's tracing, observers and write-back "
+        "Throughput is images per second over the whole call (fxnorm's hooks, interception and write-back "
         "included); `vs eval` is the method's throughput over a plain eval forward's on the same batches, "
         "measured in the same rounds (wall clock, and process CPU time which a busy machine disturbs less). Every "
         f"method keeps its own copy of the model across the rounds. Device {meta.get('device', 'cpu')}, "
@@ -355,14 +359,13 @@ def recalibrate_section(results: dict[str, Any]) -> str:
            "a model and recalibrates it: large blocks are new pages at every allocation, and their page faults are "
            "a large part of the time), and again in a fresh process whose heap keeps freed memory (`warm heap`: "
            "`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, as in a long-running process that served tensors "
-           "of these sizes before; no page faults, every method is faster, and an eval forward gains most since "
-           "it allocates a new output for every norm).", ""]
+           "of these sizes before; no page faults, every method is faster).", ""]
           if "warm" in meta.get("heaps", []) else []),
         "Statistics error: the worst channel of any norm against float64 statistics computed directly from the "
         "inputs each norm receives (norms normalizing with batch statistics, every other module in eval mode): "
         "`mean err` is |error| / std, `var err` the relative error of the variance, on the unshuffled and the "
-        "shuffled loader. `own inputs` compares fxnorm with the inputs its own observers received (the estimator "
-        "alone, without the float32 rounding two separate forwards of a deep network disagree by).",
+        "shuffled loader. `own inputs` compares fxnorm with the inputs its norms received in its own run (the "
+        "estimator alone, without the float32 rounding two separate forwards of a deep network disagree by).",
         "",
     ]
     if not meta.get("fvcore"):
@@ -402,8 +405,9 @@ def recalibrate_section(results: dict[str, Any]) -> str:
             f"{_sci(fx[m].get('var_rel_err'))} (shuffled: {_sci(fx[m].get('var_rel_err_shuffled'))}) against "
             f"`update_bn`'s {_sci(ub[m].get('var_rel_err'))} ({_sci(ub[m].get('var_rel_err_shuffled'))})"
             for m in fx if m in ub) + ".", ""]
-    out += ["![recalibration throughput and statistics error](recalibration.png)", "",
-            "Reproduce: `python examples/benchmarks/bench_recalibrate.py --threads 1` (`--device cuda` on a GPU). "
+    if os.path.exists(os.path.join(DOCS, "recalibration.png")):  # drawn by make_docs.py when matplotlib is there
+        out += ["![recalibration throughput and statistics error](recalibration.png)", ""]
+    out += ["Reproduce: `python examples/benchmarks/bench_recalibrate.py --threads 1` (`--device cuda` on a GPU). "
             "[recalibration.md](recalibration.md) explains the statistics."]
     return "\n".join(out) + "\n"
 

@@ -252,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [n for group in (args.run or list(GROUPS)) for n in GROUPS[group]]
         run_benchmarks(names)
     results = load_results()
+    if not args.check and not args.no_plots:  # before the page, which shows the plots that were drawn
+        for path in write_plots(results):
+            print(f"wrote {os.path.relpath(path, ROOT)}")
     page = render_page(results)
     if args.check:
         current = open(PAGE).read() if os.path.exists(PAGE) else ""
@@ -263,9 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(PAGE, "w") as f:
         f.write(page)
     print(f"wrote {os.path.relpath(PAGE, ROOT)}")
-    if not args.no_plots:
-        for path in write_plots(results):
-            print(f"wrote {os.path.relpath(path, ROOT)}")
     if args.api:
         sys.path.insert(0, DOCS)
         import gen_api

@@ -1,13 +1,13 @@
-"""Reset and recalibrate the running statistics of normalization layers, as a graph pass.
+"""Reset and recalibrate the running statistics of normalization layers, on the user's own model.
 
 - :func:`reset`: ``reset_running_stats()`` on the chosen norms (mean 0, var 1, count 0).
-- :func:`prepare_recalibration`: trace the model (part by part where needed) and put an observer
-  (:class:`fxnorm.calibration.observers.NormObserver`) in place of every chosen norm. The prepared model shares
-  parameters and buffers with the user's model but running batches through it changes nothing in
-  it: the norms normalize with batch statistics, every other module runs in eval mode (flags are
-  set for the duration of each forward and put back after it, even when it raises).
-- :func:`finish_recalibration`: write the pooled statistics into the norms' buffers, all or nothing, and return
-  the user's model (same object, type, ``state_dict`` keys; no hook left anywhere).
+- :func:`prepare_recalibration`: a :class:`fxnorm.calibration.session.RecalibrationSession` whose hooks catch the
+  ``batch_norm`` calls of the chosen norms (matched by the identity of their running buffers) while
+  batches run through the model itself. Nothing is replaced, copied or traced, and nothing in the
+  model changes until the statistics are written: the norms normalize with batch statistics, every
+  other module runs in eval mode (flags set for each forward and put back after it, even when it raises).
+- :func:`finish_recalibration`: write the pooled statistics into the norms' buffers, all or nothing, remove
+  every hook and return the user's model (same object, type, ``state_dict`` keys).
 - :func:`recalibrate`: the three in one call, under ``torch.inference_mode``.
 
 The statistics are exact: the mean and the variance of every element each norm received, pooled
@@ -29,22 +29,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .batches import batches_of, default_forward, model_device, to_device
-from .graph_rewrite import STATE_ATTR, PreparedState, build_prepared, install_forward, state_of
-from .report import CalibrationReport, ResetReport, layer_stats
 from ..errors import CalibrationError, DataError, FxNormError
-from ..graph.kinds import is_plain
-from ..errors import NonFiniteStatistics
 from ..reports import record_report
-from .observers import NormTarget, Session
+from .batches import batches_of, default_forward, model_device, to_device
+from .report import CalibrationReport, ResetReport, layer_stats
 from .selection import Select, lazy_uninitialized, select_norms
+from .session import RecalibrationSession
+from .writing import build_report, gather, local_checks, new_statistics
 
 __all__ = ["reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
 
@@ -79,205 +77,112 @@ def reset(model: nn.Module, *, select: Select = None) -> nn.Module:
     return model
 
 
-def prepare_recalibration(model: nn.Module, *, select: Select = None) -> nn.Module:
-    """Trace ``model`` and put observers in place of its chosen norms, ready for calibration batches.
+def prepare_recalibration(model: nn.Module, *, select: Select = None) -> RecalibrationSession:
+    """Start recalibrating ``model``: install the hooks that gather the statistics of its chosen norms.
 
-    Run batches through the returned module (under ``torch.inference_mode()`` to save memory) and
-    call :func:`finish_recalibration`. Until then nothing in ``model`` changes: the prepared model shares its
-    parameters and buffers but never writes them; the norms normalize with batch statistics and
-    every other module runs in eval mode (dropout and stochastic depth off) for each forward. Do not
-    move ``model`` (``.to()``) between :func:`prepare_recalibration` and :func:`finish_recalibration`.
+    Run the calibration batches through ``model`` itself (under ``torch.inference_mode()`` to save
+    memory), then call :func:`finish_recalibration`. Until then nothing in ``model`` changes and
+    nothing of it is replaced: each forward runs every module in eval mode (dropout and stochastic
+    depth off) while every chosen norm normalizes with the statistics of its batch, which are
+    recorded; the flags are put back after each forward. Use the session as a context manager
+    (``with fxnorm.prepare_recalibration(model) as session:``): leaving the block, even on an
+    exception or an interrupt, removes every hook; leaving it without finishing writes nothing. Do
+    not move ``model`` (``.to()``) before finishing.
 
     Args:
         model: any module with norms that keep running statistics (BatchNorm*, SyncBatchNorm,
-            InstanceNorm with ``track_running_stats``).
+            InstanceNorm with ``track_running_stats``), including subclasses with their own
+            ``forward`` and functional ``batch_norm`` calls with a norm's buffers. A
+            ``DistributedDataParallel``/``DataParallel`` wrapper is looked through.
         select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
 
     Returns:
-        A ``GraphModule`` when ``model`` traces whole, else a copy of the model's own type whose
-        traceable parts are ``GraphModule`` s (see :func:`fxnorm.trace`).
+        The :class:`~fxnorm.calibration.session.RecalibrationSession` (``session.batch()`` runs code that
+        does not call the model itself, such as ``model.forward_features(x)``, as one batch).
 
     Raises:
         CalibrationError: no norm to recalibrate, ``select`` matches none, a lazy norm is not
-            initialized, or none of the chosen norms can be observed.
+            initialized, a chosen norm is in another open session, or the model is compiled with
+            ``torch.compile`` or scripted (the message says what to recalibrate instead).
 
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
-        >>> prepared = prepare_recalibration(model)
-        >>> with torch.inference_mode():
-        ...     _ = prepared(torch.randn(2, 3, 8, 8))
-        >>> finish_recalibration(prepared) is model, model[1].num_batches_tracked.item()
-        (True, 1)
+        >>> with prepare_recalibration(model) as session, torch.inference_mode():
+        ...     _ = model(torch.randn(2, 3, 8, 8))                  # the model itself
+        ...     model = finish_recalibration(session)
+        >>> model[1].num_batches_tracked.item(), len(model._forward_hooks)
+        (1, 0)
     """
-    if isinstance(model, nn.Module) and STATE_ATTR in model.__dict__:
-        raise CalibrationError("this model is already prepared: run the batches through it and call fxnorm.finish_recalibration")
-    chosen = select_norms(model, select)
-    lazy = [name for name, m in chosen if lazy_uninitialized(m)]
-    if lazy:
-        raise CalibrationError(f"lazy norm(s) {', '.join(lazy)} are not initialized yet: run one forward through the "
-                               "model first (or select other norms)")
-    session = Session()
-    targets = [NormTarget.for_module(name, m) for name, m in chosen]
-    root, observed_ids = build_prepared(model, targets, session)
-    unsupported = {}
-    for t in targets:
-        if id(t) not in observed_ids and t.module is not None and not is_plain(t.module):
-            unsupported[t.name] = (f"{type(t.module).__name__} overrides forward() and runs in code fxnorm could not "
-                                   "trace: its statistics are left as they are")
-    observed = [t for t in targets if id(t) in observed_ids]
-    if not observed:
-        why = "; ".join(f"{name}: {reason}" for name, reason in unsupported.items())
-        raise CalibrationError(f"none of the chosen norms can be observed ({why}); the model was left unchanged")
-    state = PreparedState(model, session, targets, unsupported)
-    state.modules = list({id(m): m for m in (*root.modules(), *model.modules())}.values())
-    install_forward(root, state)
-    root.__dict__[STATE_ATTR] = state
-    return root
+    return RecalibrationSession.open(model, select)
 
 
-def _first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
-    """The NaN/Inf error of the earliest batch, and within it of the first norm reached."""
-    found = [(bad, t.order, t) for t in targets if (bad := t.first_bad()) is not None]
-    if not found:
-        return None
-    batch, _, target = min(found, key=lambda f: (f[0], f[1]))
-    return target.bad_error(batch)
-
-
-def _all_reduce(targets: list[NormTarget]) -> None:
-    for t in targets:
-        t.moments.all_reduce()
-    device = targets[0].moments.device
-    counts = torch.tensor([[t.calls, t.updates, t.skipped] for t in targets], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
-        t.calls, t.updates, t.skipped = calls, updates, skipped
-
-
-def _local_checks(state: PreparedState) -> None:
-    """What must hold on this process before anything is merged (raises the first problem)."""
-    session = state.session
-    if session.failed:
-        raise CalibrationError(f"{session.failed}: the statistics gathered since prepare_recalibration() are incomplete and were not "
-                               "written; the model is unchanged (call fxnorm.prepare_recalibration(model) again)")
-    if session.num_batches == 0:
-        raise DataError("no batch was run through the prepared model: nothing to write; the model is unchanged")
-    failure = _first_failure(state.targets)
-    if failure is not None:
-        raise failure
-
-
-def _gather(state: PreparedState, all_reduce: bool) -> None:
-    """Local checks, then (distributed) a vote so that every rank fails together, then the merge."""
-    local: FxNormError | None = None
-    try:
-        _local_checks(state)
-    except FxNormError as err:
-        local = err
-    if all_reduce:
-        device = state.targets[0].moments.device
-        votes = torch.tensor([1.0 if local is not None else 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(votes)
-        if local is None and votes.item() > 0:
-            local = CalibrationError(f"{int(votes.item())} other process(es) failed to calibrate: nothing was written")
-    if local is not None:
-        raise local
-    for t in state.targets:
-        t.flush()
-    if all_reduce:
-        _all_reduce(state.targets)
-
-
-def _new_statistics(state: PreparedState) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The values to write, by target id, cast to the buffers' dtype and checked."""
-    new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for t in state.targets:
-        if t.module is not None and (t.module.running_mean is not t.running_mean
-                                     or t.module.running_var is not t.running_var):
-            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare_recalibration() (model.to()?): "
-                                   "nothing was written; prepare again after moving the model")
-        if t.updates == 0 or t.count < 2:
-            continue
-        mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
-        var = t.moments.variance(unbiased=True).to(t.running_var.device, t.running_var.dtype)
-        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-            raise NonFiniteStatistics(
-                f"norm '{t.label}': the recalibrated statistics do not fit in {t.running_var.dtype} (max |mean| "
-                f"{t.moments.mean.abs().max().item():.4g}, max var {t.moments.variance().max().item():.4g}); "
-                "nothing was written")
-        new[id(t)] = (mean, var)
-    if not new:
-        raise CalibrationError(f"none of the {len(state.targets)} chosen norms was reached with usable data by the "
-                               f"{state.session.num_batches} batch(es) (check the forward and the batch sizes); "
-                               "the model is unchanged")
-    return new
-
-
-def finish_recalibration(prepared: nn.Module, *, all_reduce: bool | None = None) -> nn.Module:
-    """Write the statistics gathered by a model from :func:`prepare_recalibration` into its norms and return the model.
+def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | None = None) -> nn.Module:
+    """Write the statistics gathered by a session of :func:`prepare_recalibration` into the model's
+    norms, remove the session's hooks, and return the model.
 
     All or nothing: every value is computed and checked before the first buffer is written. A norm
     gets ``running_mean`` = pooled mean, ``running_var`` = pooled unbiased variance (in the buffers'
     dtype) and ``num_batches_tracked`` = calls pooled; norms never reached are left untouched.
+    ``fxnorm.report_of(model, CalibrationReport)`` says what was done. It may be called after the
+    session's ``with`` block ended. When it fails the session is closed, except when no batch was run
+    yet (run batches and finish again).
 
     Args:
-        prepared: what :func:`prepare_recalibration` returned, after the calibration batches ran through it.
+        session: what :func:`prepare_recalibration` returned, after the calibration batches ran.
         all_reduce: pool the statistics of every process of ``torch.distributed`` (every rank must
             call it). Default: when ``torch.distributed`` is initialized with more than one process.
 
     Raises:
         DataError: no batch was run.
-        CalibrationError: a forward raised, NaN/Inf statistics (naming the batch and the norm), new
-            statistics do not fit the buffers' dtype, no norm was reached, or it was converted already.
+        CalibrationError: a forward raised or was interrupted, NaN/Inf statistics (naming the batch
+            and the norm), new statistics do not fit the buffers' dtype, no norm was reached, the
+            buffers were replaced, or the session was finished already.
 
     Example:
         >>> import torch, torch.nn as nn
         >>> bn = nn.BatchNorm1d(1)
-        >>> prepared = prepare_recalibration(bn)
-        >>> _ = prepared(torch.tensor([[1.0], [3.0]])); _ = prepared(torch.tensor([[5.0], [7.0], [9.0]]))
+        >>> session = prepare_recalibration(bn)
+        >>> _ = bn(torch.tensor([[1.0], [3.0]])); _ = bn(torch.tensor([[5.0], [7.0], [9.0]]))
         >>> import fxnorm
-        >>> bn = finish_recalibration(prepared)   # pooled over 1, 3, 5, 7, 9
+        >>> bn = finish_recalibration(session)   # pooled over 1, 3, 5, 7, 9
         >>> rep = fxnorm.report_of(bn, CalibrationReport)
         >>> bn.running_mean.tolist(), bn.running_var.tolist(), rep.layers[0].count
         ([5.0], [10.0], 5)
     """
-    state = state_of(prepared)
-    session, targets = state.session, state.targets
-    if state.converted:
-        raise CalibrationError("this prepared model was already finished: call fxnorm.prepare_recalibration(model) again")
+    if not isinstance(session, RecalibrationSession):
+        raise CalibrationError(f"{type(session).__name__} was not made by fxnorm.prepare_recalibration: call "
+                               "session = fxnorm.prepare_recalibration(model), run the calibration batches through "
+                               "the model and pass the session")
+    if session.finished:
+        raise CalibrationError("this session was finished already: call fxnorm.prepare_recalibration(model) again")
     if all_reduce is None:
         all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    with torch.no_grad():
-        if not all_reduce:
-            _local_checks(state)  # a failure here leaves the prepared model usable (run batches, finish again)
-        try:
-            _gather(state, all_reduce)
-            new = _new_statistics(state)
-            order = sorted((t for t in targets if id(t) in new), key=lambda t: t.order)
+    try:
+        with torch.no_grad():
+            if not all_reduce:
+                local_checks(session)  # a failure here leaves the session usable (run batches, finish again)
+            gather(session, all_reduce)
+            new = new_statistics(session)
+            order = sorted((t for t in session.targets if id(t) in new), key=lambda t: t.order)
             layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
                                   float(getattr(t.module, "eps", 1e-5))) for t in order]
-        except BaseException as err:  # merged or all-reduced already: these statistics cannot be used again
-            session.failed = session.failed or f"finish_recalibration() failed ({type(err).__name__})"
-            raise
-        for t in order:  # nothing below can fail
-            mean, var = new[id(t)]
-            t.running_mean.copy_(mean)
-            t.running_var.copy_(var)
-            if t.num_batches_tracked is not None:
-                t.num_batches_tracked.fill_(t.updates)
-    state.converted = True
-    result = CalibrationReport(
-        layers=layers,
-        unreached=[t.name for t in targets if t.calls == 0 and t.name not in state.unsupported],
-        skipped_batches={t.name: t.skipped for t in targets if t.skipped},
-        num_batches=session.num_batches,
-        num_samples=session.num_samples,
-        unusable=[t.name for t in targets if t.calls and id(t) not in new],
-        unsupported=dict(state.unsupported),
-    )
-    record_report(state.model, result)
-    return state.model
+            for t in order:  # nothing below can fail
+                mean, var = new[id(t)]
+                t.running_mean.copy_(mean)
+                t.running_var.copy_(var)
+                if t.num_batches_tracked is not None:
+                    t.num_batches_tracked.fill_(t.updates)
+    except BaseException as err:
+        if not (isinstance(err, DataError) and session.tally.num_batches == 0 and not session.tally.failed):
+            # merged, all-reduced or failed already: these statistics cannot be used again
+            session.tally.failed = session.tally.failed or f"finish_recalibration() failed ({type(err).__name__})"
+            session.close()
+        raise  # no batch yet: the session stays open (run batches, finish again)
+    session.finished = True
+    session.close()
+    record_report(session.result, build_report(session, layers, new))
+    return session.result
 
 
 def recalibrate(
@@ -305,7 +210,8 @@ def recalibrate(
         num_batches: stop after this many batches (default: all of ``data``).
         device: move each batch there (default: the device of the model's first parameter/buffer).
             The model itself is not moved.
-        forward: ``forward(model, batch)`` for anything else (called with the prepared model).
+        forward: ``forward(model, batch)`` for anything else (called with the model itself, wrappers such as
+            ``DistributedDataParallel`` taken off); everything it runs counts as one calibration batch.
         progress: show a tqdm progress bar.
         select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
         all_reduce: see :func:`finish_recalibration` (default: when running distributed).
@@ -329,44 +235,54 @@ def recalibrate(
         raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
     target_device = torch.device(device) if device is not None else model_device(model)
     batches = batches_of(data)
-    prepared = prepare_recalibration(model, select=select)
     total = num_batches
     if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
         total = len(data)
+    with prepare_recalibration(model, select=select) as session:
+        count = _run_batches(session, batches, num_batches, target_device, forward, progress, total)
+        if count == 0:
+            raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
+        return finish_recalibration(session, all_reduce=all_reduce)
+
+
+def _run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batches: int | None,
+                 device: torch.device, forward: Callable[[nn.Module, Any], Any] | None, progress: bool,
+                 total: int | None) -> int:
+    """Run the batches through the session's model, each as one calibration forward under
+    ``torch.inference_mode``; returns how many ran."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="recalibrate", unit="batch")
     index = 0
+    model = session.model
     try:
         iterator = iter(batches)
-        with torch.inference_mode():
-            while num_batches is None or index < num_batches:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                except Exception as err:
-                    raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
-                                    "the model is unchanged") from err
-                batch = to_device(batch, target_device)
-                try:
+        while num_batches is None or index < num_batches:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except Exception as err:
+                raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
+                                "the model is unchanged") from err
+            batch = to_device(batch, device)
+            try:
+                with torch.inference_mode(), session.batch():
                     if forward is None:
-                        default_forward(prepared, batch, index)
+                        default_forward(model, batch, index)
                     else:
-                        forward(prepared, batch)
-                except FxNormError:
-                    raise
-                except Exception as err:
-                    raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
-                                           "the model is unchanged") from err
-                index += 1
-                if bar is not None:
-                    bar.update(1)
+                        forward(model, batch)
+            except FxNormError:
+                raise
+            except Exception as err:
+                raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
+                                       "the model is unchanged") from err
+            index += 1
+            if bar is not None:
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    if index == 0:
-        raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
-    return finish_recalibration(prepared, all_reduce=all_reduce)
+    return index

@@ -26,7 +26,7 @@ class LayerStats:
     """How the statistics of one norm changed."""
 
     name: str  #: qualified name of the norm in the model
-    kind: str  #: BatchNorm2d, SyncBatchNorm, InstanceNorm2d, batch_norm (a traced-through subclass) ...
+    kind: str  #: BatchNorm2d, SyncBatchNorm, InstanceNorm2d ... (a subclass reports the kind of its base)
     count: int  #: elements per channel the new statistics were computed from
     batches: int  #: calls whose statistics were pooled (a norm called twice per forward counts twice)
     mean_shift: float  #: max over channels of |new mean - old mean| / sqrt(old var + eps)
@@ -51,7 +51,8 @@ class CalibrationReport(Report):
     num_batches: int  #: forwards run through the model
     num_samples: int  #: their batch sizes (first dimension of the input), summed
     unusable: list[str] = field(default_factory=list)  #: reached, but every call was skipped (left untouched)
-    unsupported: dict[str, str] = field(default_factory=dict)  #: norms fxnorm cannot observe, with why
+    #: norm modules that ran without a batch_norm/instance_norm call fxnorm could catch, with why
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     def moved_most(self, k: int = 10) -> list[LayerStats]:
         """The ``k`` layers whose statistics moved most (for a "what changed" table).

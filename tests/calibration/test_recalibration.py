@@ -1,5 +1,5 @@
-"""Tests for fxnorm.calibrate on toy models: statistics against hand-computed float64 references,
-reset semantics, batch formats, the pitfalls of update_bn, and transactional failures."""
+"""Tests for fxnorm.calibration.recalibration on toy models: statistics against hand-computed float64
+references, reset semantics, batch formats, the pitfalls of update_bn, and transactional failures."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from devices import DEVICES
 from torch.optim.swa_utils import update_bn
 
-from fxnorm.calibration import graph_rewrite as calib_graph
 from fxnorm.calibration import observers as observers
-from helpers import float64_moments, randomize_norms
+from helpers import (assert_model_unchanged, capture_norm_inputs, float64_moments, model_snapshot,
+                     randomize_norms)
 from fxnorm import (
     finish_recalibration,
     prepare_recalibration,
@@ -32,7 +31,6 @@ from fxnorm import (
     CalibrationReport,
     ResetReport,
 )
-from fxnorm.calibration.observers import NormObserver
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,36 +59,23 @@ def batch_norm_train(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
     return y * bn.weight.double().view(shape) + bn.bias.double().view(shape)
 
 
-def capture(prepared: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Record the input of every observer of a prepared model, by norm name."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    for m in prepared.modules():
-        if isinstance(m, NormObserver):
-            seen.setdefault(m.target.name, [])
-            m.register_forward_pre_hook(
-                lambda mod, args: seen[mod.target.name].append(mod.norm_input(args[0].detach()).clone()))
-    return seen
+def run_session(model: nn.Module, batches: list, **kwargs) -> dict[str, list[torch.Tensor]]:
+    """prepare_recalibration, the batches through the model itself (inputs of every norm module captured
+    by forward pre-hooks), finish_recalibration; returns the captured inputs by norm name."""
+    with capture_norm_inputs(model) as seen, prepare_recalibration(model, **kwargs) as session:
+        with torch.inference_mode():
+            for b in batches:
+                model(b)
+        finish_recalibration(session)
+    return {name: xs for name, xs in seen.items() if xs}
 
 
 def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "momentum": [getattr(m, "momentum", None) for m in model.modules()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-        "forward": ["forward" in m.__dict__ for m in model.modules()],
-    }
+    return model_snapshot(model)
 
 
 def assert_unchanged(model: nn.Module, snap: dict) -> None:
-    now = snapshot(model)
-    assert now["state"].keys() == snap["state"].keys()
-    for k, v in snap["state"].items():
-        assert torch.equal(now["state"][k], v), k
-        assert now["state"][k].dtype == v.dtype
-    for key in ("training", "momentum", "hooks", "forward"):
-        assert now[key] == snap[key], key
-    assert calib_graph.STATE_ATTR not in model.__dict__
+    assert_model_unchanged(model, snap)
 
 
 def drifting(sizes: tuple[int, ...], shape: tuple[int, ...], step: float = 0.5, seed: int = 0) -> list[torch.Tensor]:
@@ -191,12 +176,8 @@ def test_ranks_layouts_and_dtypes_against_captured_inputs(case):
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     if case == "float64":
         model, batches = model.double(), [b.double() for b in batches]
-    prepared = prepare_recalibration(model)
-    seen = capture(prepared)
-    with torch.inference_mode():
-        for b in batches:
-            prepared(b)
-    finish_recalibration(prepared)
+    seen = run_session(model, batches)
+    assert len(seen) == (1 if case.startswith("bn1d") or case == "bn3d" else 2)
     for name, inputs in seen.items():
         mean, var, _ = float64_moments(inputs, unbiased=True)
         assert_stats(model.get_submodule(name), mean, var, tol=1e-12 if case == "float64" else 1e-6)
@@ -237,12 +218,8 @@ def test_half_precision_model_keeps_its_dtype(dtype):
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
     model = model.to(dtype)
     batches = [b.to(dtype) for b in drifting(SIZES, (3, 6, 6))]
-    prepared = prepare_recalibration(model)
-    seen = capture(prepared)
-    with torch.inference_mode():
-        for b in batches:
-            prepared(b)
-    finish_recalibration(prepared)
+    seen = run_session(model, batches)
+    assert len(seen) == 2
     for name, inputs in seen.items():
         bn = model.get_submodule(name)
         mean, var, _ = float64_moments(inputs, unbiased=True)  # the half inputs themselves, in float64
@@ -276,14 +253,14 @@ def test_sync_batch_norm_on_one_process():
 
 
 class BNReLU(nn.BatchNorm2d):
-    """A BN subclass whose forward adds an activation: traced through to a functional batch_norm."""
+    """A BN subclass whose forward adds an activation: its batch_norm call is caught inside it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).relu()
 
 
 class Branchy(nn.Module):
-    """Data-dependent control flow: stays eager, its norm children are swapped in the shallow copy."""
+    """Data-dependent control flow (no tracer gets through it) and a norm it never reaches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -299,7 +276,7 @@ class Branchy(nn.Module):
         return self.block(y)
 
 
-def test_untraced_glue_traced_through_subclass_and_unreached_norm():
+def test_data_dependent_forward_subclass_and_unreached_norm():
     model = randomize_norms(Branchy()).eval()
     batches = drifting(SIZES, (3, 6, 6))
     with torch.no_grad():
@@ -319,21 +296,24 @@ def test_untraced_glue_traced_through_subclass_and_unreached_norm():
     assert type(model) is Branchy and type(model.block[1]) is BNReLU
 
 
-class Untraceable(nn.BatchNorm2d):
-    """A BN subclass with data-dependent control flow: fxnorm cannot observe it."""
+class ByHand(nn.BatchNorm2d):
+    """A BN subclass that normalizes by hand with its running statistics (no batch_norm call)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if x.sum() > -1e9 else x
+        shape = (1, -1, 1, 1)
+        return (x - self.running_mean.view(shape)) / (self.running_var.view(shape) + self.eps).sqrt()
 
 
-def test_unobservable_subclass_is_reported_and_left_alone():
-    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Untraceable(4))).eval()
+def test_subclass_without_a_batch_norm_call_is_reported_and_left_alone():
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), ByHand(4))).eval()
     before = copy.deepcopy(model[2].state_dict())
-    model = recalibrate(model, drifting(SIZES, (3, 6, 6)))
+    batches = drifting(SIZES, (3, 6, 6))
+    model = recalibrate(model, batches)
     report = report_of(model, CalibrationReport)
-    assert list(report.unsupported) == ["2"] and "overrides forward()" in report.unsupported["2"]
+    assert list(report.unsupported) == ["2"]
+    assert f"ByHand ran {len(batches)} time(s) without calling batch_norm" in report.unsupported["2"]
     assert all(torch.equal(v, before[k]) for k, v in model[2].state_dict().items())
-    assert [s.name for s in report.layers] == ["1"]
+    assert [s.name for s in report.layers] == ["1"] and report.unreached == []
 
 
 class Twice(nn.Module):
@@ -392,6 +372,32 @@ def test_select_updates_only_chosen_norms_and_others_run_in_eval_mode():
     assert [s.name for s in report.layers] == ["3"] and model.training
 
 
+def test_batch_size_one_biases_deeper_norms_and_select_recalibrates_level_by_level():
+    """At batch size 1 every earlier norm normalizes with the statistics of one sample, so a deeper
+    norm receives other inputs than at inference (pitfall 9: too little variance, or here too much):
+    its statistics are exact for what it received, not for what it gets in eval mode. Recalibrating one norm at a time in forward order
+    with ``select`` (the others run in eval mode with their new statistics) gives every norm the
+    statistics of its eval-mode input."""
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3),
+                                          nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6))).eval()
+    data = drifting((1,) * 12, (3, 9, 9), step=0.3)
+
+    def eval_inputs(m: nn.Module) -> dict[str, list[torch.Tensor]]:
+        with capture_norm_inputs(m) as seen, torch.no_grad():
+            for x in data:
+                m(x)
+        return seen
+
+    joint = recalibrate(copy.deepcopy(model), data)
+    mean, var, _ = float64_moments(eval_inputs(joint)["7"], unbiased=True)
+    assert ((joint[7].running_var.double() - var).abs() / var).max().item() > 0.05  # not its eval-mode input
+    for name in ("1", "4", "7"):  # forward order
+        recalibrate(model, data, select=name)
+    for name, inputs in eval_inputs(model).items():
+        assert_stats(model.get_submodule(name), *float64_moments(inputs, unbiased=True)[:2])
+
+
 def test_num_batches_limits_the_data():
     bn = nn.BatchNorm1d(3)
     batches = drifting((4, 4, 4, 4), (3,))
@@ -440,64 +446,6 @@ def test_runs_under_inference_mode_without_autograd_state():
     recalibrate(model, [torch.randn(4, 4) for _ in range(2)])
     assert modes == [(True, None), (True, None)]
     assert all(p.grad is None for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare / convert
-
-
-def test_prepare_changes_nothing_until_convert():
-    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.BatchNorm2d(4)))
-    model.train()
-    snap = snapshot(model)
-    prepared = prepare_recalibration(model)
-    assert isinstance(prepared, fx.GraphModule) and prepared is not model
-    with torch.inference_mode():
-        for b in drifting(SIZES, (3, 6, 6)):
-            prepared(b)
-    assert_unchanged(model, snap)
-    keys = list(model.state_dict())
-    out = finish_recalibration(prepared)
-    assert out is model and list(model.state_dict()) == keys and type(model) is nn.Sequential
-    assert [m.training for m in model.modules()] == snap["training"]
-    assert not torch.equal(model[1].running_var, snap["state"]["1.running_var"])
-    with pytest.raises(CalibrationError, match="already finished"):
-        finish_recalibration(prepared)
-    with pytest.raises(CalibrationError, match="already finished"):
-        prepared(torch.randn(2, 3, 6, 6))
-
-
-def test_user_graph_module_is_not_rewritten():
-    gm = fx.symbolic_trace(randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval())
-    code = gm.code
-    batches = drifting(SIZES, (3, 6, 6))
-    with torch.no_grad():
-        mean, var, _ = float64_moments([gm.get_submodule("0")(x) for x in batches], unbiased=True)
-    assert recalibrate(gm, batches) is gm
-    assert gm.code == code
-    assert_stats(gm.get_submodule("1"), mean, var)
-
-
-def test_convert_refuses_what_it_cannot_use():
-    with pytest.raises(CalibrationError, match="not made by fxnorm.prepare"):
-        finish_recalibration(nn.BatchNorm1d(2))
-    bn = nn.BatchNorm1d(2)
-    prepared = prepare_recalibration(bn)
-    with pytest.raises(CalibrationError, match="already prepared"):
-        prepare_recalibration(prepared)
-    with pytest.raises(DataError, match="no batch"):
-        finish_recalibration(prepared)
-
-
-def test_moved_model_between_prepare_and_convert_is_refused():
-    bn = nn.BatchNorm1d(2)
-    prepared = prepare_recalibration(bn)
-    prepared(torch.randn(4, 2))
-    bn.to(torch.float64)  # replaces the buffers
-    before = copy.deepcopy(bn.state_dict())
-    with pytest.raises(CalibrationError, match="replaced after prepare"):
-        finish_recalibration(prepared)
-    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,17 +584,19 @@ def test_non_finite_batch_names_batch_and_layer(kind):
     expected = r"batch 1: the input of norm '1' has NaN/Inf statistics in channel\(s\) 0, 1, 2, 3 \(4 of 4\)"
     with pytest.raises(DataError, match=expected):
         recalibrate(model, bad_batches(kind))
+    model[3].calls = 0  # Flaky counts its calls
     assert_unchanged(model, snap)
 
 
 def test_non_finite_batch_in_prepare_convert_flow_is_a_calibration_error_too():
     model = failing_model()
     snap = snapshot(model)
-    prepared = prepare_recalibration(model)
-    for b in bad_batches("nan"):
-        prepared(b)
-    with pytest.raises(CalibrationError, match="batch 1: .* norm '1'"):
-        finish_recalibration(prepared)
+    with prepare_recalibration(model) as session:
+        for b in bad_batches("nan"):
+            model(b)
+        with pytest.raises(CalibrationError, match="batch 1: .* norm '1'"):
+            finish_recalibration(session)
+    model[3].calls = 0  # Flaky counts its calls
     assert_unchanged(model, snap)
 
 
@@ -680,6 +630,7 @@ def test_bad_data(kind):
         data, match, kwargs = [torch.randn(4, 3, 6, 6)], "num_batches must be a positive int", {"num_batches": 0}
     with pytest.raises(DataError, match=match):
         recalibrate(model, data, **kwargs)
+    model[3].calls = 0  # Flaky counts its calls
     assert_unchanged(model, snap)
 
 
@@ -687,13 +638,15 @@ def test_failed_forward_in_prepare_flow_blocks_convert():
     model = failing_model()
     model[3].fail_at = 2
     snap = snapshot(model)
-    prepared = prepare_recalibration(model)
-    prepared(torch.randn(4, 3, 6, 6))
+    session = prepare_recalibration(model)
+    model(torch.randn(4, 3, 6, 6))
     with pytest.raises(RuntimeError, match="boom"):
-        prepared(torch.randn(4, 3, 6, 6))
-    prepared(torch.randn(4, 3, 6, 6))
+        model(torch.randn(4, 3, 6, 6))
+    assert [m.training for m in model.modules()] == [True] * 6  # the flags are back after the failed forward
+    model(torch.randn(4, 3, 6, 6))
     with pytest.raises(CalibrationError, match="forward of batch 1 raised"):
-        finish_recalibration(prepared)
+        finish_recalibration(session)
+    assert session.closed
     model[3].calls = 0
     assert_unchanged(model, snap)
 
@@ -758,14 +711,14 @@ def run_ranks(monkeypatch, jobs: list) -> list:
 
 
 def ranks_calibrating(models: list[nn.Module], shards: list[list[torch.Tensor]]) -> list:
-    prepared = [prepare_recalibration(m) for m in models]  # tracing patches globals: not from two threads at once
+    sessions = [prepare_recalibration(m) for m in models]
 
     def job(i):
         def run():
-            with torch.inference_mode():
+            with sessions[i], torch.inference_mode():  # the batches run in this thread
                 for b in shards[i]:
-                    prepared[i](b)
-            return finish_recalibration(prepared[i])
+                    models[i](b)
+                return finish_recalibration(sessions[i])
         return run
 
     return [job(i) for i in range(len(models))]
@@ -804,18 +757,20 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
 
 def test_convert_can_wait_for_batches_but_not_be_retried_after_merging():
     bn = nn.BatchNorm1d(2)
-    prepared = prepare_recalibration(bn)
+    session = prepare_recalibration(bn)
     with pytest.raises(DataError, match="no batch"):
-        finish_recalibration(prepared)
-    prepared(torch.randn(4, 2))
-    assert finish_recalibration(prepared) is bn and bn.num_batches_tracked.item() == 1
+        finish_recalibration(session)
+    assert not session.closed  # nothing merged: more batches may come
+    bn(torch.randn(4, 2))
+    assert finish_recalibration(session) is bn and bn.num_batches_tracked.item() == 1
     half = nn.BatchNorm1d(2).half()
-    prepared = prepare_recalibration(half)
-    prepared((torch.randn(8, 2) * 1000).half())
+    session = prepare_recalibration(half)
+    half((torch.randn(8, 2) * 1000).half())
     with pytest.raises(CalibrationError, match="do not fit in torch.float16"):
-        finish_recalibration(prepared)
+        finish_recalibration(session)
+    assert session.closed
     with pytest.raises(CalibrationError, match=r"finish_recalibration\(\) failed \(NonFiniteStatistics\)"):
-        finish_recalibration(prepared)
+        finish_recalibration(session)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
@@ -841,11 +796,8 @@ def test_batches_are_moved_to_the_model_device(device):
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)))
     model = model.eval().to(device)
     batches = drifting(SIZES, (3, 6, 6))  # on the CPU
-    prepared = prepare_recalibration(model)
-    seen = capture(prepared)
-    with torch.inference_mode():
-        for b in batches:
-            prepared(b.to(device))
+    reference = copy.deepcopy(model)
+    seen = run_session(reference, [b.to(device) for b in batches])
     expected = {name: float64_moments(xs, unbiased=True)[:2] for name, xs in seen.items()}
     model = recalibrate(model, batches)
     for name, (mean, var) in expected.items():

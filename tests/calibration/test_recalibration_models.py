@@ -1,9 +1,11 @@
 """fxnorm.recalibrate end to end on torchvision models (small inputs, random weights, randomized norms).
 
-Two references per model:
+Recalibration runs on the user's own model: nothing but the norms' statistics may change (every
+parameter, buffer, attribute, hook, class and child is compared bitwise), and user hooks on the norms
+see what the norms receive. Two references per model:
 
-- the estimator: every norm's new statistics equal the float64 pooled statistics of the inputs its
-  observer received (captured during the same run), to 1e-6;
+- the estimator: every norm's new statistics equal the float64 pooled statistics of the inputs the
+  norm received (captured by forward pre-hooks on the norms during the same run), to 1e-6;
 - the semantics: a copy of the model with only its norms in training mode and every other module in
   eval mode (what recalibration must emulate), whose norm inputs are captured by hooks. Deep random
   networks amplify float32 rounding differences between the two forwards, hence a looser tolerance;
@@ -21,9 +23,8 @@ import torch.nn as nn
 import zoo
 from devices import DEVICES
 
-from helpers import float64_moments
-from fxnorm import finish_recalibration, prepare_recalibration, report_of, CalibrationReport
-from fxnorm.calibration.observers import NormObserver
+from helpers import STAT_BUFFERS, assert_model_unchanged, capture_norm_inputs, float64_moments, model_snapshot
+from fxnorm import recalibrate, report_of, CalibrationReport
 from fxnorm.calibration.selection import stat_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,22 +73,18 @@ def test_torchvision_model_recalibrates_end_to_end(name, device):
     model = zoo.build(name).to(device).train()  # recalibration must not run it in training mode
     batches = batches_for(name, device)
     reference = train_mode_reference(model, batches)
-    keys, types = list(model.state_dict()), [type(m) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():  # what a forward sets up lazily (a detection model's RoI pooling scales)
+        model(batches[0][0])
+    snap = model_snapshot(model.train())
 
-    prepared = prepare_recalibration(model)
-    seen: dict[str, list[torch.Tensor]] = {}
-    for m in prepared.modules():
-        if isinstance(m, NormObserver):
-            m.register_forward_pre_hook(
-                lambda mod, args: seen.setdefault(mod.target.name, []).append(mod.norm_input(args[0].detach()).clone()))
-    with torch.inference_mode():
-        for batch in batches:
-            prepared(batch[0])
-    out = finish_recalibration(prepared)
+    with capture_norm_inputs(model) as captured:
+        out = recalibrate(model, batches)  # (x,) batches: model(x)
+    seen = {k: v for k, v in captured.items() if v}
     report = report_of(out, CalibrationReport)
 
-    assert out is model and list(model.state_dict()) == keys and [type(m) for m in model.modules()] == types
-    assert all(m.training for m in model.modules())
+    assert out is model
+    assert_model_unchanged(model, snap, except_buffers={name: STAT_BUFFERS for name, _ in stat_norms(model)})
     assert not report.unsupported and not report.skipped_batches
     assert sorted(s.name for s in report.layers) == sorted(reference) == sorted(seen)
     assert report.unreached == [n for n, _ in stat_norms(model) if n not in reference]

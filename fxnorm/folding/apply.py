@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Literal, get_args
 
 import torch
@@ -211,5 +212,16 @@ def fold(
         if norm_affine:
             fold_norm_affine(work, traced, report, allow_hooks=allow_hooks)
         unshare(work, shared)
+    _warn_training(report)
     record_report(work, report)
     return work
+
+
+def _warn_training(report: FoldReport) -> None:
+    """Warn once when batch norms were skipped for being in training mode (a common slip: the fold then
+    changes nothing, silently)."""
+    names = [s.name for s in report.skipped if "training mode" in s.reason]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"fxnorm.fold: {len(names)} batch norm(s) in training mode were not folded ({shown}); call "
+                      "model.eval() before folding", UserWarning, stacklevel=3)

@@ -385,8 +385,11 @@ def test_a_failed_writer_leaves_nothing(tmp_path: Path) -> None:
 
 def _interrupt_when(argv: list[str], marker: str, models: tuple[str, Path], cwd: Path) -> tuple[int, str]:
     """Start ``python -m fxnorm argv``, send SIGINT once ``marker`` is on its stderr; (exit, stderr)."""
+    # a suite started in the background (``pytest &``) passes SIGINT ignored to its children, and
+    # Python then never installs its handler: give the child the default disposition
     proc = subprocess.Popen([sys.executable, "-m", "fxnorm", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_env(models))
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_env(models),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)  # type: ignore[union-attr]
     reader.start()

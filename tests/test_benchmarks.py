@@ -69,3 +69,36 @@ def test_a_model_runs_in_its_own_process_with_the_warm_heap(bench, capfd):
     fx = rows["fxnorm.recalibrate"]
     assert fx["img_s"] > 0 and fx["fxnorm_speedup"] == 1.0
     assert fx["var_rel_err"] is None  # the warm heap is timed only
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return load_script("device_checks", "examples", "benchmarks", "device_checks.py")
+
+
+def test_device_checks_plan_runs_the_cuda_tests_and_both_benchmarks_on_the_device(checks, tmp_path):
+    steps = checks.plan("cuda", str(tmp_path), quick=False)
+    assert [s.name for s in steps] == ["tests", "fold", "recalibrate"]
+    pytest_args = steps[0].argv[steps[0].argv.index("pytest"):]
+    assert pytest_args[pytest_args.index("-m") + 1] == "cuda"
+    for step in steps[1:]:
+        assert step.argv[step.argv.index("--device") + 1] == "cuda" and step.json.startswith(str(tmp_path))
+    assert sum(s.timeout for s in steps) <= 600  # fits one device call with time to rerun
+    quick = checks.plan("cpu", str(tmp_path), quick=True, only=("fold",))
+    assert [s.name for s in quick] == ["fold"] and "--size" in quick[0].argv
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_device_checks_without_a_gpu_names_the_dry_run(checks, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        checks.main(["--device", "cuda", "--out", "unused"])
+    assert exit_info.value.code == 2 and "--device cpu --quick" in capsys.readouterr().err
+
+
+def test_device_checks_summary_renders_each_step_and_benchmark_rows(checks):
+    summary = {"info": {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11", "python": "3.11"},
+               "steps": {"tests": {"rc": 0, "seconds": 12.5},
+                         "fold": {"rc": 1, "seconds": 3.0, "rows": [{"model": "resnet18", "fold/fuse": 0.9}]}}}
+    text = checks.render(summary)
+    assert text.startswith("# Device checks on NVIDIA H200")
+    assert "| tests  |      0 |      12.5 |" in text and "| resnet18 |" in text and "## fold" in text

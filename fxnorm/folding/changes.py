@@ -16,7 +16,7 @@ Example:
     >>> from fxnorm.folding.planner import plan_folds
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
     >>> changes = compute_changes(plan_folds(model, fxnorm.trace(model)), "keep")
-    >>> changes.commit()
+    >>> undo = changes.commit()  # calling undo() would put everything back
     >>> model
     Sequential(
       (0): Conv2d(3, 4, kernel_size=(1, 1), stride=(1, 1))

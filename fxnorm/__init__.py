@@ -9,6 +9,10 @@ Example:
     20 norms (BatchNorm2d: 20); 20 foldable, 0 not foldable; 0 untraced parts
 """
 
+from .startup import quiet_interrupts_of_the_command_line
+
+quiet_interrupts_of_the_command_line()  # before torch is imported: see fxnorm.startup
+
 from typing import Any
 
 from .calibration.recalibration import finish_recalibration, prepare_recalibration, recalibrate, reset

@@ -383,12 +383,17 @@ def test_a_failed_writer_leaves_nothing(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- signals and pipes
 
 
-def _interrupt_when(argv: list[str], marker: str, models: tuple[str, Path], cwd: Path) -> tuple[int, str]:
-    """Start ``python -m fxnorm argv``, send SIGINT once ``marker`` is on its stderr; (exit, stderr)."""
+def _interrupt_when(argv: list[str], marker: str, models: tuple[str, Path], cwd: Path,
+                    first_path: Path | None = None) -> tuple[int, str]:
+    """Start ``python -m fxnorm argv`` (``first_path`` first on its import path), send SIGINT once
+    ``marker`` is on its stderr; (exit, stderr)."""
+    env = _env(models)
+    if first_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(first_path), env["PYTHONPATH"]])
     # a suite started in the background (``pytest &``) passes SIGINT ignored to its children, and
     # Python then never installs its handler: give the child the default disposition
     proc = subprocess.Popen([sys.executable, "-m", "fxnorm", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_env(models),
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)  # type: ignore[union-attr]
@@ -407,19 +412,28 @@ def _interrupt_when(argv: list[str], marker: str, models: tuple[str, Path], cwd:
     return code, "".join(seen)
 
 
-@pytest.mark.parametrize("where", ["import", "recalibration", "saving"])
-def test_ctrl_c_exits_130_and_leaves_nothing(where: str, models: tuple[str, Path], workspace: Path) -> None:
+@pytest.mark.parametrize("where", ["startup", "import", "recalibration", "saving"])
+def test_ctrl_c_exits_130_and_leaves_nothing(where: str, models: tuple[str, Path], workspace: Path,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Ctrl-C while fxnorm itself is imported (a slow ``tqdm`` stands in for torch's import), while
+    the user's model module is imported, during a recalibration and while saving."""
     name = f"slow_import_{uuid.uuid4().hex[:8]}"
     (workspace / f"{name}.py").write_text("import sys, time\nprint('fxnorm-test: importing', file=sys.stderr, "
                                           "flush=True)\ntime.sleep(120)\n")
     argv = {
+        "startup": ["inspect", f"{models[0]}:tiny"],
         "import": ["inspect", f"{name}:net"],
         "recalibration": ["recalibrate", f"{models[0]}:sleepy", "--data", "data.pt", "-o", "out.pt"],
         "saving": ["reset", f"{models[0]}:slow_to_save", "-o", "out.pt"],
     }[where]
-    marker = {"import": "importing", "recalibration": "forward", "saving": "pickling"}[where]
+    marker = {"startup": "importing", "import": "importing", "recalibration": "forward", "saving": "pickling"}[where]
     before = snapshot(workspace)
-    code, err = _interrupt_when(argv, f"fxnorm-test: {marker}", models, workspace)
+    shadow = None
+    if where == "startup":
+        shadow = tmp_path_factory.mktemp("shadow")
+        (shadow / "tqdm.py").write_text("import sys, time\nprint('fxnorm-test: importing tqdm', file=sys.stderr, "
+                                        "flush=True)\ntime.sleep(120)\n")
+    code, err = _interrupt_when(argv, f"fxnorm-test: {marker}", models, workspace, shadow)
     assert code == 130, err
     assert "Traceback" not in err and "fxnorm: error: interrupted; nothing was saved" in err.splitlines(), err
     assert snapshot(workspace) == before  # no output, no temporary file

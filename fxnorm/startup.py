@@ -8,11 +8,10 @@ process (``import fxnorm`` in a script or a notebook) it does nothing. Only the 
 used here, so that it runs first.
 
 Example:
-    >>> import sys
-    >>> quiet_interrupts_of_the_command_line()   # in this process (not the ``fxnorm`` command)...
+    >>> running_the_command_line()               # this process is not the ``fxnorm`` command...
     False
-    >>> sys.excepthook is sys.__excepthook__     # ...nothing changed
-    True
+    >>> quiet_interrupts_of_the_command_line()   # ...so nothing is changed
+    False
 """
 
 from __future__ import annotations

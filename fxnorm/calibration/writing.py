@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CalibrationError, DataError, FxNormError, NonFiniteStatistics
+from .distributed import all_reduce_targets
 from .observers import NormTarget
 from .report import CalibrationReport
 from .session import RecalibrationSession
 
-__all__ = ["NO_BATCH", "first_failure", "all_reduce_targets", "local_checks", "gather", "new_statistics",
+__all__ = ["NO_BATCH", "first_failure", "local_checks", "gather", "new_statistics",
            "unsupported_reason", "build_report"]
 
 
@@ -34,16 +35,6 @@ def first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
         return None
     batch, _, target = min(found, key=lambda f: (f[0], f[1]))
     return target.bad_error(batch)
-
-
-def all_reduce_targets(targets: list[NormTarget]) -> None:
-    for t in targets:
-        t.moments.all_reduce()
-    device = targets[0].moments.device
-    counts = torch.tensor([[t.calls, t.updates, t.skipped] for t in targets], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
-        t.calls, t.updates, t.skipped = calls, updates, skipped
 
 
 NO_BATCH = ("no batch was run through the model since prepare_recalibration(): nothing to write; the model is "

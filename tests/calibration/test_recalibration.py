@@ -434,6 +434,44 @@ def test_batch_formats(fmt):
     assert report.num_batches == len(batches) and report.num_samples == sum(b.shape[0] for b in batches)
 
 
+class TwoInputs(nn.Module):
+    """A forward of two inputs, one of them raising a TypeError of its own on a wrong dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor")
+        return self.bn(self.fc(x * mask))
+
+
+@pytest.mark.parametrize("fmt", ["dict_extra_key", "dict_missing_key", "tuple", "tensor", "inside"])
+def test_a_batch_that_does_not_fit_the_forward_is_a_data_error_naming_forward(fmt):
+    """A batch whose structure does not bind to the model's forward is the data's fault: a DataError
+    that names the batch, the signature and the remedy (forward=); a TypeError raised inside the
+    forward stays the model's (CalibrationError, cause chained). Nothing changes either way."""
+    model = randomize_norms(TwoInputs()).eval()
+    snap = snapshot(model)
+    x, mask = torch.randn(8, 5), torch.ones(8, 1, dtype=torch.bool)
+    data = {"dict_extra_key": [{"x": x, "mask": mask, "labels": torch.zeros(8)}],
+            "dict_missing_key": [{"x": x}], "tuple": [(x, mask)], "tensor": [x],
+            "inside": [{"x": x, "mask": mask.float()}]}[fmt]
+    if fmt == "inside":
+        with pytest.raises(CalibrationError, match="batch 0: the model raised TypeError: mask must be a bool") as info:
+            recalibrate(model, data)
+        assert not isinstance(info.value, DataError)
+    else:
+        with pytest.raises(DataError, match=r"batch 0 is a .* which does not fit TwoInputs\.forward\(x, mask\) "
+                                            r"\(.*\): pass forward=lambda model, batch: \.\.\."):
+            recalibrate(model, data)
+    assert_unchanged(model, snap)
+    fitted = recalibrate(model, [(x, mask)], forward=lambda m, b: m(*b))  # the remedy
+    assert report_of(fitted, CalibrationReport).num_batches == 1
+
+
 def test_progress_bar_counts_batches(capsys):
     recalibrate(nn.BatchNorm1d(2), [torch.randn(4, 2) for _ in range(3)], progress=True)
     assert "3/3" in capsys.readouterr().err

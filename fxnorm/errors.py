@@ -27,6 +27,7 @@ __all__ = [
     "UsageError",
     "OutputError",
     "MissingExtraError",
+    "CalibrationWarning",
 ]
 
 
@@ -84,3 +85,9 @@ class MissingExtraError(FxNormError, ImportError):
     Also an ``ImportError``, so code that guards an optional import keeps working; the message names
     the missing package and the ``pip install`` command that adds it.
     """
+
+
+class CalibrationWarning(UserWarning):
+    """Recalibration succeeded, but its statistics may not be what inference needs (for instance
+    batches of fewer than 8 samples; the message says what to do). A warning, not an error: filter it
+    with ``warnings.simplefilter("ignore", fxnorm.CalibrationWarning)``."""

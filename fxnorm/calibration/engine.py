@@ -110,6 +110,7 @@ class Engine:
         if ok:
             self.tally.num_batches += 1
             self.tally.num_samples += forward.samples or 0
+            self.tally.largest = max(self.tally.largest, forward.samples or 0)
         elif self.tally.failed is None:
             self.tally.failed = f"the forward of batch {self.tally.batch} {why}"
 

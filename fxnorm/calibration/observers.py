@@ -56,6 +56,7 @@ class Tally:
     batch: int = -1  #: index of the forward in flight (or the last one)
     num_batches: int = 0  #: forwards through the model
     num_samples: int = 0  #: first-dimension sizes of their inputs, summed
+    largest: int = 0  #: the largest of those sizes
     failed: str | None = None  #: why the gathered statistics cannot be used (set on a failed forward)
     next_order: int = 0
 

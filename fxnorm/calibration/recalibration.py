@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import CalibrationError, DataError, FxNormError
@@ -42,7 +41,8 @@ from .batches import batches_of, default_forward, model_device, to_device
 from .report import CalibrationReport, ResetReport, layer_stats
 from .selection import Select, lazy_uninitialized, select_norms
 from .session import RecalibrationSession
-from .writing import build_report, gather, local_checks, new_statistics
+from .distributed import fail_together, resolve_all_reduce
+from .writing import build_report, gather, local_checks, new_statistics, warn_small_batches, write_statistics
 
 __all__ = ["reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
 
@@ -156,32 +156,31 @@ def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | No
                                "the model and pass the session")
     if session.finished:
         raise CalibrationError("this session was finished already: call fxnorm.prepare_recalibration(model) again")
-    if all_reduce is None:
-        all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    all_reduce = resolve_all_reduce(all_reduce)
     try:
         with torch.no_grad():
             if not all_reduce:
                 local_checks(session)  # a failure here leaves the session usable (run batches, finish again)
-            gather(session, all_reduce)
+            outcome = gather(session, all_reduce)
+            if outcome is not None:  # the report holds the totals of every process
+                tally = session.tally
+                tally.num_batches, tally.num_samples, tally.largest = outcome.batches, outcome.samples, outcome.largest
             new = new_statistics(session)
             order = sorted((t for t in session.targets if id(t) in new), key=lambda t: t.order)
             layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
                                   float(getattr(t.module, "eps", 1e-5))) for t in order]
-            for t in order:  # nothing below can fail
-                mean, var = new[id(t)]
-                t.running_mean.copy_(mean)
-                t.running_var.copy_(var)
-                if t.num_batches_tracked is not None:
-                    t.num_batches_tracked.fill_(t.updates)
+            write_statistics(order, new)  # nothing in it can fail
     except BaseException as err:
-        if not (isinstance(err, DataError) and session.tally.num_batches == 0 and not session.tally.failed):
-            # merged, all-reduced or failed already: these statistics cannot be used again
+        if all_reduce or not (isinstance(err, DataError) and session.tally.num_batches == 0
+                              and not session.tally.failed):
+            # voted, merged, all-reduced or failed already: these statistics cannot be used again
             session.tally.failed = session.tally.failed or f"finish_recalibration() failed ({type(err).__name__})"
             session.close()
         raise  # no batch yet: the session stays open (run batches, finish again)
     session.finished = True
     session.close()
     record_report(session.result, build_report(session, layers, new))
+    warn_small_batches(session.tally.largest, len(layers))
     return session.result
 
 
@@ -228,21 +227,35 @@ def recalibrate(
         >>> model.training, model[2].num_batches_tracked.item()   # mode kept; dropout was off
         (True, 4)
     """
+    all_reduce = resolve_all_reduce(all_reduce)
+    session: RecalibrationSession | None = None
+    try:
+        _check_arguments(num_batches, forward)
+        target_device = torch.device(device) if device is not None else model_device(model)
+        batches = batches_of(data)
+        total = num_batches
+        if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
+            total = len(data)
+        session = prepare_recalibration(model, select=select)
+        count = _run_batches(session, batches, num_batches, target_device, forward, progress, total)
+        if count == 0 and not all_reduce:  # distributed: a process may have no batch (the vote checks them all)
+            raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
+    except BaseException as err:
+        if session is not None:
+            session.close()
+        if all_reduce and isinstance(err, Exception):
+            fail_together()  # the other processes raise too instead of waiting for this one
+        raise
+    with session:
+        return finish_recalibration(session, all_reduce=all_reduce)
+
+
+def _check_arguments(num_batches: int | None, forward: Callable[[nn.Module, Any], Any] | None) -> None:
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise DataError(f"num_batches must be a positive int or None, got {num_batches!r}")
     if forward is not None and not callable(forward):
         raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
-    target_device = torch.device(device) if device is not None else model_device(model)
-    batches = batches_of(data)
-    total = num_batches
-    if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
-        total = len(data)
-    with prepare_recalibration(model, select=select) as session:
-        count = _run_batches(session, batches, num_batches, target_device, forward, progress, total)
-        if count == 0:
-            raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
-        return finish_recalibration(session, all_reduce=all_reduce)
 
 
 def _run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batches: int | None,

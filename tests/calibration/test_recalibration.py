@@ -712,25 +712,34 @@ def test_report_figures_by_hand():
 
 def run_ranks(monkeypatch, jobs: list) -> list:
     """Run ``jobs`` (one callable per simulated rank) in threads whose ``dist.all_reduce`` sums over
-    them; return what each returned or raised."""
+    them and ``dist.all_gather`` gathers by rank; return what each returned or raised (the real
+    multi-process runs are in test_distributed.py)."""
     world = len(jobs)
-    barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), []
+    barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), {}
 
-    def all_reduce(tensor, group=None):
+    def exchange(tensor):
         with lock:
-            pending.append(tensor)
+            pending[int(threading.current_thread().name)] = tensor.clone()
         barrier.wait()
-        total = sum(t.clone() for t in pending)
-        barrier.wait()
-        tensor.copy_(total)
+        gathered = [pending[r] for r in range(world)]
         barrier.wait()
         with lock:
             pending.clear()
         barrier.wait()
+        return gathered
+
+    def all_reduce(tensor, group=None):
+        tensor.copy_(sum(exchange(tensor)))
+
+    def all_gather(out, tensor, group=None):
+        for o, t in zip(out, exchange(tensor)):
+            o.copy_(t)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
     results: list = [None] * world
 
     def rank(i):
@@ -739,7 +748,7 @@ def run_ranks(monkeypatch, jobs: list) -> list:
         except Exception as err:
             results[i] = err
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
+    threads = [threading.Thread(target=rank, args=(i,), name=str(i)) for i in range(world)]
     for t in threads:
         t.start()
     for t in threads:
@@ -788,7 +797,7 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
     snaps = [snapshot(m) for m in models]
     results = run_ranks(monkeypatch, ranks_calibrating(models, [batches[:2], [bad]]))
     assert isinstance(results[1], DataError) and "batch 0" in str(results[1])
-    assert isinstance(results[0], CalibrationError) and "1 other process(es) failed" in str(results[0])
+    assert isinstance(results[0], CalibrationError) and "process(es) 1 of 2 failed" in str(results[0])
     for m, snap in zip(models, snaps):
         assert_unchanged(m, snap)
 

@@ -41,7 +41,7 @@ from ..errors import CalibrationError, DataError, FxNormError
 from .observers import NormTarget
 
 __all__ = ["running_distributed", "resolve_all_reduce", "collective_device", "fingerprint", "Vote", "vote",
-           "fail_together", "all_reduce_targets"]
+           "fail_together", "all_reduce_targets", "agreed_dependencies"]
 
 def running_distributed() -> bool:
     """Whether ``torch.distributed`` is initialized with more than one process."""
@@ -137,3 +137,20 @@ def all_reduce_targets(targets: list[NormTarget]) -> None:
     dist.all_reduce(counts)
     for t, (calls, updates, skipped, module_calls) in zip(targets, counts.round().long().tolist()):
         t.calls, t.updates, t.skipped, t.module_calls = calls, updates, skipped, module_calls
+
+
+def agreed_dependencies(targets: Sequence[NormTarget], depends_on: dict[str, set[str]],
+                        all_reduce: bool) -> dict[str, set[str]]:
+    """``depends_on`` (which norms feed each norm, by name), united over the ranks when ``all_reduce``
+    (one collective; every rank then orders the norms in the same levels)."""
+    if not all_reduce:
+        return depends_on
+    names = [t.name for t in targets]
+    index = {name: i for i, name in enumerate(names)}
+    edges = torch.zeros(len(names), len(names), dtype=torch.float64, device=collective_device())
+    for name, deps in depends_on.items():
+        for d in deps:
+            if name in index and d in index:
+                edges[index[name], index[d]] = 1.0
+    dist.all_reduce(edges)
+    return {name: {names[j] for j in edges[i].nonzero().flatten().tolist()} for i, name in enumerate(names)}

@@ -124,9 +124,10 @@ def write_statistics(targets: Sequence[NormTarget], new: dict[int, tuple[torch.T
 SMALL_BATCH = 8
 
 
-def warn_small_batches(largest: int, norms: int) -> None:
+def warn_small_batches(largest: int, norms: int, stacklevel: int = 2) -> None:
     """Warn when the largest calibration batch held fewer than :data:`SMALL_BATCH` samples (and more
     than one norm was recalibrated): the deeper norms' statistics are then off (see the message).
+    ``stacklevel``: the frame the warning names, counted from this function's caller.
 
     Example:
         >>> import warnings
@@ -142,7 +143,7 @@ def warn_small_batches(largest: int, norms: int) -> None:
             "of so few samples while the statistics were gathered, so a deeper norm received other inputs than it "
             f"gets at inference and its new statistics do not describe them. Use batches of {SMALL_BATCH} samples or "
             "more, or order=\"sequential\" (the CLI's --order sequential), which is exact at any batch size"),
-            stacklevel=3)
+            stacklevel=stacklevel + 1)
 
 
 def unsupported_reason(t: NormTarget) -> str:

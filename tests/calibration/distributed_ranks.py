@@ -154,9 +154,15 @@ def ddp(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def sequential(rank: int, world: int) -> dict[str, Any]:
+    """``order="sequential"``: every level pooled over the ranks before the next level's pass."""
+    model = net()
+    return _outcome(model, lambda: recalibrate(model, shard(rank, world), order="sequential"))
+
+
 SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     f.__name__: f for f in (equal, empty_rank, loader_raises, non_finite, prepare_fails, different_norms,
-                            different_select, sync_batch_norm, ddp)
+                            different_select, sync_batch_norm, ddp, sequential)
 }
 
 

@@ -33,7 +33,7 @@ pytestmark = [
 GROUP_TIMEOUT, SPAWN_TIMEOUT = 30, 300
 #: (world size, scenario): one spawn of 3 processes runs them all; a 2-process scenario leaves rank 2 out
 SCENARIOS = [(2, name) for name in ("equal", "loader_raises", "non_finite", "prepare_fails", "different_norms",
-                                    "different_select", "sync_batch_norm", "ddp")]
+                                    "different_select", "sync_batch_norm", "ddp", "sequential")]
 SCENARIOS += [(3, name) for name in ("equal", "empty_rank", "loader_raises", "non_finite")]
 
 
@@ -66,8 +66,9 @@ def outcomes(results: list[dict], world: int, name: str) -> list[dict]:
     return found
 
 
-def one_process(batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    model = recalibrate(ranks.net().to(dtype), [b.to(dtype) for b in batches])
+def one_process(batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
+                order: str = "joint") -> dict[str, torch.Tensor]:
+    model = recalibrate(ranks.net().to(dtype), [b.to(dtype) for b in batches], order=order)
     return model.state_dict()
 
 
@@ -201,3 +202,13 @@ def test_ddp_wrapped_model_is_recalibrated_through_its_module(results):
         assert outcome["error"] is None and outcome["result_is_model"]
         assert_statistics(outcome["state"], float64)
         assert outcome["report"]["num_batches"] == len(ranks.BATCH_SIZES)
+
+
+def test_sequential_order_pools_every_level_over_the_ranks(results):
+    float64 = one_process(ranks.all_batches(), torch.float64, order="sequential")
+    for outcome in outcomes(results, 2, "sequential"):
+        assert outcome["error"] is None, outcome["error"]
+        assert_statistics(outcome["state"], float64, tol=1e-5)
+        report = outcome["report"]
+        assert report["passes"] == 4 and report["levels"] == [["1"], ["4"], ["7"], ["12"]]
+        assert report["num_batches"] == len(ranks.BATCH_SIZES)

@@ -10,15 +10,19 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from ..errors import DataError
+from ..errors import CalibrationError, DataError, FxNormError
 
-__all__ = ["model_device", "to_device", "default_forward", "batches_of", "batch_size"]
+if TYPE_CHECKING:  # the session's engine imports this module
+    from .session import RecalibrationSession
+
+__all__ = ["model_device", "to_device", "default_forward", "batches_of", "batch_size", "check_arguments",
+           "run_batches"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -109,3 +113,55 @@ def batch_size(args: tuple, kwargs: dict) -> int:
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
             return len(value)
     return 0
+
+
+def check_arguments(num_batches: int | None, forward: Callable[[nn.Module, Any], Any] | None) -> None:
+    """``num_batches`` and ``forward`` as :func:`fxnorm.recalibrate` takes them (raises otherwise)."""
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise DataError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if forward is not None and not callable(forward):
+        raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
+
+
+def run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batches: int | None,
+                 device: torch.device, forward: Callable[[nn.Module, Any], Any] | None, progress: bool,
+                 total: int | None) -> int:
+    """Run the batches through the session's model, each as one calibration forward under
+    ``torch.inference_mode``; returns how many ran."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="recalibrate", unit="batch")
+    index = 0
+    model = session.model
+    try:
+        iterator = iter(batches)
+        while num_batches is None or index < num_batches:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except Exception as err:
+                raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
+                                "the model is unchanged") from err
+            batch = to_device(batch, device)
+            try:
+                with torch.inference_mode(), session.batch():
+                    if forward is None:
+                        default_forward(model, batch, index)
+                    else:
+                        forward(model, batch)
+            except FxNormError:
+                raise
+            except Exception as err:
+                raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
+                                       "the model is unchanged") from err
+            index += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return index

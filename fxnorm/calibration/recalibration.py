@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from ..errors import CalibrationError, DataError, FxNormError
+from ..errors import CalibrationError, DataError
 from ..reports import record_report, report_of
-from .batches import batches_of, default_forward, model_device, to_device
+from .batches import batches_of, check_arguments, model_device, run_batches
 from .report import CalibrationReport, ResetReport, layer_stats
 from .observers import NormTarget
 from .selection import Select, lazy_uninitialized, select_norms
@@ -280,7 +280,7 @@ class _Pass:
         session: RecalibrationSession | None = None
         self.passes += 1
         try:
-            _check_arguments(self.num_batches, self.forward)
+            check_arguments(self.num_batches, self.forward)
             target_device = torch.device(self.device) if self.device is not None else model_device(self.model)
             batches = batches_of(self.data)
             total = self.num_batches
@@ -292,7 +292,7 @@ class _Pass:
             self.targets = session.targets
             self.tracker = DependencyTracker(session.targets) if track else None
             with self.tracker if self.tracker is not None else contextlib.nullcontext():
-                count = _run_batches(session, batches, self.num_batches, target_device, self.forward, self.progress,
+                count = run_batches(session, batches, self.num_batches, target_device, self.forward, self.progress,
                                      total)
             if count == 0 and not self.all_reduce:  # distributed: a process may have no batch (the vote checks)
                 raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
@@ -344,54 +344,3 @@ def _sequential(run: _Pass, select: Select) -> nn.Module:
     record_report(result, dataclasses.replace(first, layers=layers, passes=run.passes,
                                               levels=[[t.name for t in level] for level in found]))
     return result
-
-
-def _check_arguments(num_batches: int | None, forward: Callable[[nn.Module, Any], Any] | None) -> None:
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise DataError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if forward is not None and not callable(forward):
-        raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
-
-
-def _run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batches: int | None,
-                 device: torch.device, forward: Callable[[nn.Module, Any], Any] | None, progress: bool,
-                 total: int | None) -> int:
-    """Run the batches through the session's model, each as one calibration forward under
-    ``torch.inference_mode``; returns how many ran."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="recalibrate", unit="batch")
-    index = 0
-    model = session.model
-    try:
-        iterator = iter(batches)
-        while num_batches is None or index < num_batches:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            except Exception as err:
-                raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
-                                "the model is unchanged") from err
-            batch = to_device(batch, device)
-            try:
-                with torch.inference_mode(), session.batch():
-                    if forward is None:
-                        default_forward(model, batch, index)
-                    else:
-                        forward(model, batch)
-            except FxNormError:
-                raise
-            except Exception as err:
-                raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
-                                       "the model is unchanged") from err
-            index += 1
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return index

@@ -28,6 +28,7 @@ __all__ = [
     "OutputError",
     "MissingExtraError",
     "CalibrationWarning",
+    "StopForward",
 ]
 
 
@@ -91,3 +92,9 @@ class CalibrationWarning(UserWarning):
     """Recalibration succeeded, but its statistics may not be what inference needs (for instance
     batches of fewer than 8 samples; the message says what to do). A warning, not an error: filter it
     with ``warnings.simplefilter("ignore", fxnorm.CalibrationWarning)``."""
+
+
+class StopForward(BaseException):
+    """Internal: raised by fxnorm's own hooks to end a calibration forward once everything its pass
+    runs for was gathered (``order="sequential"``); the forward counts as complete and fxnorm catches
+    it. A ``BaseException``, so that a model's ``except Exception`` does not catch it."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..errors import CalibrationError, DataError, FxNormError
+from ..errors import CalibrationError, DataError, FxNormError, StopForward
 
 if TYPE_CHECKING:  # the session's engine imports this module
     from .session import RecalibrationSession
@@ -153,6 +153,8 @@ def run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batch
                         default_forward(model, batch, index)
                     else:
                         forward(model, batch)
+            except StopForward:  # everything this pass runs for was gathered
+                pass
             except FxNormError:
                 raise
             except Exception as err:

@@ -43,7 +43,7 @@ from .batches import batches_of, check_arguments, model_device, run_batches
 from .report import CalibrationReport, ResetReport, layer_stats
 from .observers import NormTarget
 from .selection import Select, lazy_uninitialized, select_norms
-from .sequential import DependencyTracker, levels
+from .sequential import DependencyTracker, EarlyStop, levels
 from .session import RecalibrationSession, unwrap
 from .distributed import agreed_dependencies, fail_together, resolve_all_reduce
 from .writing import build_report, gather, local_checks, new_statistics, warn_small_batches, write_statistics
@@ -266,7 +266,7 @@ class _Pass:
                  forward: Callable[[nn.Module, Any], Any] | None, progress: bool, all_reduce: bool) -> None:
         self.model, self.data, self.num_batches, self.device = model, data, num_batches, device
         self.forward, self.progress, self.all_reduce = forward, progress, all_reduce
-        self.passes, self.sequential = 0, False
+        self.passes, self.sequential, self.forwards = 0, False, 0  # forwards: of this process's last pass
         self.tracker: DependencyTracker | None = None  #: the first sequential pass's (which norm feeds which)
         self.targets: list[NormTarget] = []  #: the last pass's norms
 
@@ -274,9 +274,10 @@ class _Pass:
         if self.all_reduce:
             fail_together()
 
-    def __call__(self, select: Select, warn: bool, track: bool = False) -> nn.Module:
-        """Prepare, run every batch (inside a :class:`DependencyTracker` when ``track``), finish; a
-        failure before the vote is told to the other processes."""
+    def __call__(self, select: Select, warn: bool, track: bool = False, stop: dict[str, int] | None = None) -> nn.Module:
+        """Prepare, run every batch (inside a :class:`DependencyTracker` when ``track``; each forward
+        ended early by an :class:`EarlyStop` when ``stop`` gives every norm's calls), finish; a failure
+        before the vote is told to the other processes."""
         session: RecalibrationSession | None = None
         self.passes += 1
         try:
@@ -290,9 +291,10 @@ class _Pass:
             for t in session.targets:
                 t.pool_single = self.sequential
             self.targets = session.targets
-            self.tracker = DependencyTracker(session.targets) if track else None
-            with self.tracker if self.tracker is not None else contextlib.nullcontext():
-                count = run_batches(session, batches, self.num_batches, target_device, self.forward, self.progress,
+            self.tracker = DependencyTracker(session.targets, session.tally) if track else None
+            stopper = EarlyStop(session.targets, stop, session.tally) if stop else None
+            with self.tracker or contextlib.nullcontext(), stopper or contextlib.nullcontext():
+                count = self.forwards = run_batches(session, batches, self.num_batches, target_device, self.forward, self.progress,
                                      total)
             if count == 0 and not self.all_reduce:  # distributed: a process may have no batch (the vote checks)
                 raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
@@ -326,9 +328,11 @@ def _sequential(run: _Pass, select: Select) -> nn.Module:
         first = report_of(result, CalibrationReport)
         depends_on = run.tracker.depends_on if run.tracker is not None else {}
         found = levels(run.targets, agreed_dependencies(run.targets, depends_on, run.all_reduce))
+        calls = run.tracker.calls_per_forward(run.forwards) if run.tracker is not None else {}
         for level in found[1:]:
             ids = {id(t.module) for t in level}
-            run(lambda name, module: id(module) in ids, warn=False)
+            stop = {t.name: calls[t.name] for t in level if t.name in calls}
+            run(lambda name, module: id(module) in ids, warn=False, stop=stop if len(stop) == len(level) else None)
     except BaseException:
         with torch.no_grad():
             for module, buffers in saved.values():

@@ -6,7 +6,10 @@ hooks on the chosen norms record the sources of each norm's input (the norms it 
 make the norm's output a source of its own. :func:`levels` then orders the norms level by level: a
 norm's level is one more than the deepest level among the norms it depends on (0: none), so the
 norms of one level never feed each other and one pass over the data recalibrates them all, once the
-levels before it hold their new statistics.
+levels before it hold their new statistics. The tracker also counts how often each norm runs in every
+forward: when that is the same in every forward, :class:`EarlyStop` ends each forward of a later
+pass as soon as every norm of its level has run that often (the rest of the forward would only feed
+norms that pass does not recalibrate).
 
 Values that leave torch (``.item()``, NumPy) lose their sources: a norm fed only through them would
 be put on too early a level.
@@ -24,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,20 +38,24 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import StopForward
 from .interception import remove_mode
-from .observers import NormTarget
+from .observers import NormTarget, Tally
 
-__all__ = ["DependencyTracker", "levels"]
+__all__ = ["DependencyTracker", "EarlyStop", "levels"]
 
 
 class DependencyTracker(TorchFunctionMode):
     """Records, for every target (by name), the targets its input depends on (see the module doc).
     Use it as a context manager around the forwards; leaving it removes its hooks."""
 
-    def __init__(self, targets: Sequence[NormTarget]) -> None:
+    def __init__(self, targets: Sequence[NormTarget], tally: Tally | None = None) -> None:
         super().__init__()
         self.targets = list(targets)
+        self.tally = tally or Tally()
         self.depends_on: dict[str, set[str]] = {t.name: set() for t in self.targets}
+        #: module calls of every target, by forward (``tally.batch``)
+        self.calls: dict[str, Counter[int]] = {t.name: Counter() for t in self.targets}
         self.sources: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.handles: list[RemovableHandle] = []
 
@@ -74,6 +82,7 @@ class DependencyTracker(TorchFunctionMode):
     def _before(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             self.depends_on[name] |= self._of((args, kwargs))
+            self.calls[name][self.tally.batch] += 1
         return hook
 
     def _after(self, name: str) -> Any:
@@ -94,6 +103,45 @@ class DependencyTracker(TorchFunctionMode):
             handle.remove()
         self.handles.clear()
         self.sources = WeakIdKeyDictionary()
+
+
+    def calls_per_forward(self, forwards: int) -> dict[str, int]:
+        """The targets that ran equally often (at least once) in each of the ``forwards`` forwards, and how often."""
+        found = {}
+        for name, calls in self.calls.items():
+            counts = {calls.get(batch, 0) for batch in range(forwards)}
+            if len(counts) == 1 and min(counts) > 0:
+                found[name] = counts.pop()
+        return found
+
+
+class EarlyStop:
+    """While entered: each calibration forward ends (:class:`~fxnorm.errors.StopForward`) as soon as
+    every one of ``targets`` has run as often as ``expected`` says (their level is then gathered)."""
+
+    def __init__(self, targets: Sequence[NormTarget], expected: dict[str, int], tally: Tally) -> None:
+        self.targets, self.expected, self.tally = list(targets), dict(expected), tally
+        self.batch, self.seen = -2, dict.fromkeys(self.expected, 0)
+        self.handles: list[RemovableHandle] = []
+
+    def _after(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.tally.batch != self.batch:
+                self.batch, self.seen = self.tally.batch, dict.fromkeys(self.expected, 0)
+            self.seen[name] += 1
+            if all(self.seen[n] >= count for n, count in self.expected.items()):
+                raise StopForward
+        return hook
+
+    def __enter__(self) -> EarlyStop:
+        for t in self.targets:
+            self.handles.append(t.module.register_forward_hook(self._after(t.name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 def levels(targets: Sequence[NormTarget], depends_on: dict[str, set[str]]) -> list[list[NormTarget]]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, StopForward
 from .engine import OPEN, SCOPE, Engine
 from .observers import NormTarget, Tally
 from .selection import Select, lazy_uninitialized, select_norms
@@ -186,6 +186,9 @@ class RecalibrationSession:
         try:
             yield self
             ok = True
+        except StopForward:  # ended early on purpose: complete
+            ok = True
+            raise
         finally:
             self._engine.end(ok)
 

@@ -151,3 +151,40 @@ def test_select_is_kept_in_the_sequential_order():
     assert report.levels == [["3.bn1", "3.down.1"], ["3.bn2"]]
     for key in ("1.running_mean", "7.running_var"):
         assert torch.equal(model.state_dict()[key], before[key])
+
+
+def test_later_passes_end_each_forward_once_their_level_ran():
+    """The linear layer feeds only the last level's norm: passes 2 and 3 never run it (their forwards
+    end after their level's norms), the first and the last run it on every batch."""
+    model = net()
+    calls = []
+    model[6].register_forward_hook(lambda *args: calls.append(1))
+    recalibrate(model, data(4), order="sequential")
+    assert len(calls) == 2 * len(data(4))
+    with capture_norm_inputs(model, ["7"]) as seen, torch.no_grad():
+        for x in data(4):
+            model(x)
+    mean, var, _ = float64_moments(seen["7"], unbiased=True)
+    torch.testing.assert_close(model[7].running_var, var, rtol=1e-12, atol=1e-12)
+
+
+def test_a_norm_called_a_varying_number_of_times_disables_the_early_end():
+    class Varying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn1(x)
+            return sum(self.bn2(y * (i + 1)) for i in range(x.shape[0] % 3))  # 1 or 2 calls, by batch size
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 3, generator=gen, dtype=torch.float64) + 1 for n in (4, 5, 4)]
+    model = recalibrate(Varying().double().eval(), batches, order="sequential")
+    with capture_norm_inputs(model, ["bn2"]) as seen, torch.no_grad():
+        for x in batches:
+            model(x)
+    mean, var, count = float64_moments(seen["bn2"], unbiased=True)
+    assert count == 4 + 2 * 5 + 4 and int(model.bn2.num_batches_tracked) == 4
+    torch.testing.assert_close(model.bn2.running_mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.bn2.running_var, var, rtol=1e-12, atol=1e-12)

@@ -433,8 +433,8 @@ def scale_section(results: dict[str, Any]) -> str:
               [[r["processes"], f"{r['seconds']:.2f}", f"{r['img_s']:.1f}", f"{r['speedup']:.2f}",
                 _sci(r["max_var_rel_diff"])] for r in data["processes"]], colalign=["right"] * 5),
         "",
-        "**Order**: `order=\"sequential\"` (one pass per depth level, exact at any batch size) beside the default "
-        "one pass, on the same batches; medians over "
+        "**Order**: `order=\"sequential\"` (one pass per depth level, each forward ending once the level's norms ran; "
+        "exact at any batch size) beside the default one pass, on the same batches; medians over "
         f"{c['rounds']} rounds in alternation. Images/s counts every image once.",
         "",
         table(["order", "passes", "seconds", "images/s", "time vs joint"],

@@ -160,9 +160,26 @@ def sequential(rank: int, world: int) -> dict[str, Any]:
     return _outcome(model, lambda: recalibrate(model, shard(rank, world), order="sequential"))
 
 
+def rank_zero_write_fails(rank: int, world: int) -> dict[str, Any]:
+    """fxnorm.cli.launch.on_rank_zero (what the CLI writes its output with): rank 0's write raises."""
+    from fxnorm.cli.launch import Launch, on_rank_zero
+
+    ran = []
+
+    def write() -> None:
+        ran.append(rank)
+        raise OSError("disk full")
+
+    try:
+        on_rank_zero(Launch(rank, world), write)
+    except (OSError, FxNormError) as err:
+        return {"error": (type(err).__name__, str(err)), "ran": ran}
+    return {"error": None, "ran": ran}
+
+
 SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     f.__name__: f for f in (equal, empty_rank, loader_raises, non_finite, prepare_fails, different_norms,
-                            different_select, sync_batch_norm, ddp, sequential)
+                            different_select, sync_batch_norm, ddp, sequential, rank_zero_write_fails)
 }
 
 

@@ -33,7 +33,8 @@ pytestmark = [
 GROUP_TIMEOUT, SPAWN_TIMEOUT = 30, 300
 #: (world size, scenario): one spawn of 3 processes runs them all; a 2-process scenario leaves rank 2 out
 SCENARIOS = [(2, name) for name in ("equal", "loader_raises", "non_finite", "prepare_fails", "different_norms",
-                                    "different_select", "sync_batch_norm", "ddp", "sequential")]
+                                    "different_select", "sync_batch_norm", "ddp", "sequential",
+                                    "rank_zero_write_fails")]
 SCENARIOS += [(3, name) for name in ("equal", "empty_rank", "loader_raises", "non_finite")]
 
 
@@ -212,3 +213,10 @@ def test_sequential_order_pools_every_level_over_the_ranks(results):
         report = outcome["report"]
         assert report["passes"] == 4 and report["levels"] == [["1"], ["4"], ["7"], ["12"]]
         assert report["num_batches"] == len(ranks.BATCH_SIZES)
+
+
+def test_a_failed_write_on_rank_zero_fails_every_rank(results):
+    """The CLI's output is written by rank 0 alone; when that fails, the other ranks do not report success."""
+    zero, one = outcomes(results, 2, "rank_zero_write_fails")
+    assert zero == {"error": ("OSError", "disk full"), "ran": [0]}
+    assert one == {"error": ("FxNormError", "process 0 could not write the output (its error says why)"), "ran": []}

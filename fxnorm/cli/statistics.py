@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 import torch
 
 from ..calibration.report import CalibrationReport
-from ..errors import DataError, UsageError
+from ..errors import CalibrationWarning, DataError, UsageError
 from ..reports import report_of
 from .console import EXIT_FAILURE, EXIT_OK, Console
 from .outputs import write_outputs
@@ -108,8 +109,9 @@ def run_recalibrate(args: argparse.Namespace, console: Console) -> int:
     data = calibration_data(args.data, batch_size=args.batch_size, image_size=args.image_size or 224,
                             mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
     with process_group(device) as (launch, device):
-        if launch is not None and launch.rank > 0:
+        if launch is not None and launch.rank > 0:  # rank 0 speaks for all: the same pooled report
             console.quiet, console.reports = True, False
+            warnings.filterwarnings("ignore", category=CalibrationWarning)
         return _recalibrate(args, console, data, device, launch)
 
 

@@ -83,6 +83,7 @@ def test_two_processes_equal_one(setup, capsys: pytest.CaptureFixture) -> None:
     assert done.stdout.count("recalibrated 3 norm(s) on 5 batch(es), 23 sample(s)") == 1, done.stdout
     assert done.stdout.splitlines()[0] == one.splitlines()[0]
     assert done.stdout.count("saved two.pt") == 1
+    assert done.stderr.count("CalibrationWarning") == 1  # batches of 5: warned once, by rank 0
     assert sorted(os.listdir(folder)) == ["data.pt", "one.pt", "torchrun_models.py", "two.pt"]  # no temporary file
     two_model, one_model = (torch.load(folder / f"{n}.pt", weights_only=False) for n in ("two", "one"))
     assert_same_statistics(statistics(two_model), statistics(one_model))

@@ -22,6 +22,7 @@ from .calibration.session import RecalibrationSession
 from .compat import install_aliases, resolve_renamed
 from .errors import (
     CalibrationError,
+    CalibrationWarning,
     DataError,
     FoldError,
     FxNormError,
@@ -50,6 +51,7 @@ __all__ = [
     "NonFiniteStatistics",
     "ModelLoadError",
     "MissingExtraError",
+    "CalibrationWarning",
     # reports of every pass
     "report_of",
     "Report",

@@ -27,6 +27,8 @@ __all__ = [
     "UsageError",
     "OutputError",
     "MissingExtraError",
+    "CalibrationWarning",
+    "StopForward",
 ]
 
 
@@ -84,3 +86,15 @@ class MissingExtraError(FxNormError, ImportError):
     Also an ``ImportError``, so code that guards an optional import keeps working; the message names
     the missing package and the ``pip install`` command that adds it.
     """
+
+
+class CalibrationWarning(UserWarning):
+    """Recalibration succeeded, but its statistics may not be what inference needs (for instance
+    batches of fewer than 8 samples; the message says what to do). A warning, not an error: filter it
+    with ``warnings.simplefilter("ignore", fxnorm.CalibrationWarning)``."""
+
+
+class StopForward(BaseException):
+    """Internal: raised by fxnorm's own hooks to end a calibration forward once everything its pass
+    runs for was gathered (``order="sequential"``); the forward counts as complete and fxnorm catches
+    it. A ``BaseException``, so that a model's ``except Exception`` does not catch it."""

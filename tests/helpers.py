@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torchvision
 
 __all__ = ["rel_err", "flatten_outputs", "randomize_norms", "float64_moments", "one_thread", "model_snapshot",
            "assert_model_unchanged", "capture_norm_inputs", "STAT_BUFFERS"]
@@ -85,9 +85,11 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     extra: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-    frozen = torchvision.ops.misc.FrozenBatchNorm2d
+    # a model holding a FrozenBatchNorm2d imported torchvision (not imported here: spawned test processes start faster)
+    misc = sys.modules.get("torchvision.ops.misc")
+    frozen: tuple[type, ...] = (misc.FrozenBatchNorm2d,) if misc is not None else ()
     for module in model.modules():
-        if not isinstance(module, norm_types + extra + (frozen,)):
+        if not isinstance(module, norm_types + extra + frozen):
             continue
         mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
         if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):

@@ -102,3 +102,32 @@ def test_device_checks_summary_renders_each_step_and_benchmark_rows(checks):
     text = checks.render(summary)
     assert text.startswith("# Device checks on NVIDIA H200")
     assert "| tests  |      0 |      12.5 |" in text and "| resnet18 |" in text and "## fold" in text
+
+
+@pytest.mark.distributed
+def test_scale_benchmark_runs_one_and_two_processes_and_both_orders(tmp_path):
+    """examples/benchmarks/bench_scale.py, tiny: both process counts end with the same statistics, the
+    sequential order takes one pass per level of resnet18, and the docs section renders its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scripts import ROOT
+
+    out = tmp_path / "scale.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "benchmarks", "bench_scale.py"),
+                           "--batches", "4", "--batch-size", "4", "--size", "32", "--rounds", "1", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["processes"] for r in data["processes"]] == [1, 2] and data["processes"][0]["speedup"] == 1.0
+    assert all(r["img_s"] > 0 for r in data["processes"])
+    assert data["processes"][1]["max_var_rel_diff"] < 1e-4  # the same statistics, to float32 noise
+    assert {r["order"]: r["passes"] for r in data["orders"]} == {"joint": 1, "sequential": 17}
+    tables = load_script("docs_tables", "examples", "benchmarks", "docs_tables.py")
+    section = tables.scale_section({"scale": data})
+    assert "speed-up" in section and "time vs joint" in section
+    assert "sequential" in section and "Reproduce: `python examples/benchmarks/bench_scale.py" in section

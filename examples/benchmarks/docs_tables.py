@@ -429,11 +429,46 @@ def recalibrate_section(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def scale_section(results: dict[str, Any]) -> str:
+    """Recalibration on 1 vs 2 processes, and the sequential order's cost beside the joint one."""
+    data = results.get("scale")
+    if not data:
+        return missing("python examples/benchmarks/bench_scale.py --threads 1 --json examples/benchmarks/results/scale.json")
+    c = data["config"]
+    out = [
+        f"{c['model']} (no weights), {c['batches']} batches of {c['batch_size']}x3x{c['size']}x{c['size']}, "
+        f"{c['threads']} torch thread(s) per process, on a machine with {c['cpus']} CPU(s) (load average "
+        f"{c['load']} when the run started: two processes are only faster with two idle cores).",
+        "",
+        "**Processes**: the same batches recalibrated by one process and by two (`torch.distributed`, gloo on the "
+        "CPU, every process its every 2nd batch, as `torchrun ... -m fxnorm recalibrate` does). Seconds from a "
+        "barrier after the models were built to the end of `recalibrate` on every process (the vote and the "
+        "all-reduce included, start-up excluded); `var diff` is the largest relative difference of any running "
+        "variance from one process's result.",
+        "",
+        table(["processes", "seconds", "images/s", "speed-up", "var diff"],
+              [[r["processes"], f"{r['seconds']:.2f}", f"{r['img_s']:.1f}", f"{r['speedup']:.2f}",
+                _sci(r["max_var_rel_diff"])] for r in data["processes"]], colalign=["right"] * 5),
+        "",
+        "**Order**: `order=\"sequential\"` (one pass per depth level, each forward ending once the level's norms ran; "
+        "exact at any batch size) beside the default one pass, on the same batches; medians over "
+        f"{c['rounds']} rounds in alternation. Images/s counts every image once.",
+        "",
+        table(["order", "passes", "seconds", "images/s", "time vs joint"],
+              [[r["order"], r["passes"], f"{r['seconds']:.2f}", f"{r['img_s']:.1f}", f"{r['vs_joint']:.1f}"]
+               for r in data["orders"]], colalign=["left"] + ["right"] * 4),
+        "",
+        "Reproduce: `python examples/benchmarks/bench_scale.py --threads 1`.",
+    ]
+    return "\n".join(out) + "\n"
+
+
 #: (title, anchor, renderer) in page order.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("Folding: pass time and latency", "folding-pass-time-and-latency", fold_section),
     ("Coverage over the torchvision zoo", "coverage-over-the-torchvision-zoo", coverage_section),
     ("Recalibration: throughput, memory, statistics error", "recalibration-throughput-memory-statistics-error",
      recalibrate_section),
+    ("Recalibration at scale: processes and order", "recalibration-at-scale-processes-and-order", scale_section),
     ("Accuracy under domain shift", "accuracy-under-domain-shift", shift_section),
 ]

@@ -3,7 +3,7 @@
 One command re-runs every benchmark (minutes on a CPU) and rewrites the page::
 
     python examples/benchmarks/make_docs.py --run            # run all, then write docs/benchmarks.md + docs/*.png
-    python examples/benchmarks/make_docs.py --run shift      # re-run one benchmark (fold, coverage, recalibrate, shift)
+    python examples/benchmarks/make_docs.py --run shift      # re-run one benchmark (fold, coverage, recalibrate, scale, shift)
     python examples/benchmarks/make_docs.py                  # only re-render from the stored JSON
     python examples/benchmarks/make_docs.py --check          # exit 1 if docs/benchmarks.md is stale (used by the tests)
     python examples/benchmarks/make_docs.py --api            # also regenerate docs/api.md
@@ -15,7 +15,7 @@ checked without re-running anything). Plots need matplotlib (the ``bench`` extra
 Example:
     >>> from make_docs import BENCHMARKS
     >>> sorted(BENCHMARKS)
-    ['coverage', 'fold', 'fold_detection', 'recalibrate', 'shift', 'shift_sorted']
+    ['coverage', 'fold', 'fold_detection', 'recalibrate', 'scale', 'shift', 'shift_sorted']
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                                "1", "--json", "{json}"]),
     "recalibrate": ("recalibrate.json",
                     [PY, "examples/benchmarks/bench_recalibrate.py", "--threads", "1", "--json", "{json}"]),
+    "scale": ("scale.json", [PY, "examples/benchmarks/bench_scale.py", "--threads", "1", "--json", "{json}"]),
     "shift": ("domain_shift.json", [PY, "examples/domain_shift.py", "--threads", "1", "--json", "{json}"]),
     "shift_sorted": ("domain_shift_sorted.json",
                      [PY, "examples/domain_shift.py", "--threads", "1", "--sorted", "--json", "{json}"]),
 }
 #: ``--run`` groups: "shift" runs both domain-shift variants.
-GROUPS = {"fold": ["fold", "fold_detection"], "coverage": ["coverage"], "recalibrate": ["recalibrate"], "shift": ["shift", "shift_sorted"]}
+GROUPS = {"fold": ["fold", "fold_detection"], "coverage": ["coverage"], "recalibrate": ["recalibrate"],
+          "scale": ["scale"], "shift": ["shift", "shift_sorted"]}
 META = "machine.json"
 
 
@@ -156,7 +158,7 @@ def load_results(results: str = RESULTS) -> dict[str, Any]:
 
     Example:
         >>> sorted(load_results())          # doctest: +ELLIPSIS
-        ['coverage', 'fold', 'fold_detection', 'machine', 'recalibrate', 'shift', 'shift_sorted']
+        ['coverage', 'fold', 'fold_detection', 'machine', 'recalibrate', 'scale', 'shift', 'shift_sorted']
     """
     found: dict[str, Any] = {name: _read(os.path.join(results, filename)) for name, (filename, _) in BENCHMARKS.items()}
     found["machine"] = _read(os.path.join(results, META))

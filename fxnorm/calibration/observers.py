@@ -56,6 +56,7 @@ class Tally:
     batch: int = -1  #: index of the forward in flight (or the last one)
     num_batches: int = 0  #: forwards through the model
     num_samples: int = 0  #: first-dimension sizes of their inputs, summed
+    largest: int = 0  #: the largest of those sizes
     failed: str | None = None  #: why the gathered statistics cannot be used (set on a failed forward)
     next_order: int = 0
 
@@ -86,6 +87,9 @@ class NormTarget:
     skipped: int = 0  #: calls with one value per channel (normalized with the old statistics, not counted)
     module_calls: int = 0  #: calls of the norm module itself
     unsupported: str | None = None  #: why the module ran without a norm call fxnorm could intercept
+    #: pool calls with one value per channel too (``order="sequential"``, where the output of a norm
+    #: being recalibrated feeds no other norm being recalibrated)
+    pool_single: bool = False
     moments: ChannelMoments = field(init=False)
     scratch: PlaneScratch = field(default_factory=PlaneScratch, init=False, repr=False)
     _rows: Tensor | None = field(default=None, init=False, repr=False)
@@ -229,7 +233,15 @@ def observe_batch_norm(target: NormTarget, tally: Tally, input: Tensor, weight: 
     channels = target.num_channels
     n = input.numel() // channels if input.dim() >= 2 else 0
     if n <= 1:  # one value per channel: training mode cannot normalize it
-        target.skipped += 1
+        if n == 1 and target.pool_single and input.dim() >= 2:
+            try:
+                target.moments.update(input)
+            except CalibrationError as err:
+                kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
+                raise kind(f"batch {tally.batch}: norm '{target.label}': {err}") from None
+            target.updates += 1
+        else:
+            target.skipped += 1
         return F.batch_norm(input, target.running_mean, target.running_var, weight, bias, False, 0.0, eps)
     dtype = _float_params(input.dtype)
     weight, bias = _cast(weight, dtype), _cast(bias, dtype)

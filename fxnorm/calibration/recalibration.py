@@ -29,22 +29,29 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import CalibrationError, DataError, FxNormError
-from ..reports import record_report
-from .batches import batches_of, default_forward, model_device, to_device
+from ..errors import CalibrationError, DataError
+from ..reports import record_report, report_of
+from .batches import batches_of, check_arguments, model_device, run_batches
 from .report import CalibrationReport, ResetReport, layer_stats
+from .observers import NormTarget
 from .selection import Select, lazy_uninitialized, select_norms
-from .session import RecalibrationSession
-from .writing import build_report, gather, local_checks, new_statistics
+from .sequential import DependencyTracker, EarlyStop, levels
+from .session import RecalibrationSession, unwrap
+from .distributed import agreed_dependencies, fail_together, resolve_all_reduce
+from .writing import build_report, gather, local_checks, new_statistics, warn_small_batches, write_statistics
 
-__all__ = ["reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
+__all__ = ["Order", "reset", "prepare_recalibration", "finish_recalibration", "recalibrate"]
+
+#: How :func:`recalibrate` orders the norms (see its ``order``).
+Order = Literal["joint", "sequential"]
 
 
 def reset(model: nn.Module, *, select: Select = None) -> nn.Module:
@@ -150,38 +157,44 @@ def finish_recalibration(session: RecalibrationSession, *, all_reduce: bool | No
         >>> bn.running_mean.tolist(), bn.running_var.tolist(), rep.layers[0].count
         ([5.0], [10.0], 5)
     """
+    return finish(session, all_reduce=all_reduce, warn=True)
+
+
+def finish(session: RecalibrationSession, *, all_reduce: bool | None, warn: bool, stacklevel: int = 3) -> nn.Module:
+    """:func:`finish_recalibration`; ``warn``: a :class:`~fxnorm.errors.CalibrationWarning` for small
+    batches, naming the frame ``stacklevel`` above this one."""
     if not isinstance(session, RecalibrationSession):
         raise CalibrationError(f"{type(session).__name__} was not made by fxnorm.prepare_recalibration: call "
                                "session = fxnorm.prepare_recalibration(model), run the calibration batches through "
                                "the model and pass the session")
     if session.finished:
         raise CalibrationError("this session was finished already: call fxnorm.prepare_recalibration(model) again")
-    if all_reduce is None:
-        all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    all_reduce = resolve_all_reduce(all_reduce)
     try:
         with torch.no_grad():
             if not all_reduce:
                 local_checks(session)  # a failure here leaves the session usable (run batches, finish again)
-            gather(session, all_reduce)
+            outcome = gather(session, all_reduce)
+            if outcome is not None:  # the report holds the totals of every process
+                tally = session.tally
+                tally.num_batches, tally.num_samples, tally.largest = outcome.batches, outcome.samples, outcome.largest
             new = new_statistics(session)
             order = sorted((t for t in session.targets if id(t) in new), key=lambda t: t.order)
             layers = [layer_stats(t.name, t.kind, t.count, t.updates, t.running_mean, t.running_var, *new[id(t)],
                                   float(getattr(t.module, "eps", 1e-5))) for t in order]
-            for t in order:  # nothing below can fail
-                mean, var = new[id(t)]
-                t.running_mean.copy_(mean)
-                t.running_var.copy_(var)
-                if t.num_batches_tracked is not None:
-                    t.num_batches_tracked.fill_(t.updates)
+            write_statistics(order, new)  # nothing in it can fail
     except BaseException as err:
-        if not (isinstance(err, DataError) and session.tally.num_batches == 0 and not session.tally.failed):
-            # merged, all-reduced or failed already: these statistics cannot be used again
+        if all_reduce or not (isinstance(err, DataError) and session.tally.num_batches == 0
+                              and not session.tally.failed):
+            # voted, merged, all-reduced or failed already: these statistics cannot be used again
             session.tally.failed = session.tally.failed or f"finish_recalibration() failed ({type(err).__name__})"
             session.close()
         raise  # no batch yet: the session stays open (run batches, finish again)
     session.finished = True
     session.close()
     record_report(session.result, build_report(session, layers, new))
+    if warn:
+        warn_small_batches(session.tally.largest, len(layers), stacklevel=stacklevel)
     return session.result
 
 
@@ -195,6 +208,7 @@ def recalibrate(
     progress: bool = False,
     select: Select = None,
     all_reduce: bool | None = None,
+    order: Order = "joint",
 ) -> nn.Module:
     """Recompute the running statistics of ``model``'s norms from ``data``, in place, exactly.
 
@@ -215,6 +229,13 @@ def recalibrate(
         progress: show a tqdm progress bar.
         select: which norms (see :mod:`fxnorm.calibration.selection`); the others run in eval mode, untouched.
         all_reduce: see :func:`finish_recalibration` (default: when running distributed).
+        order: ``"joint"``: one pass over ``data``, every chosen norm normalizing with its batch's
+            statistics while they are gathered (a :class:`~fxnorm.errors.CalibrationWarning` when every batch
+            held fewer than 8 samples: the deeper norms then see other inputs than at inference).
+            ``"sequential"``: level by level (a norm's level is one more than the deepest norm feeding
+            it), one pass over ``data`` per level, the norms of earlier levels already in eval mode with
+            their new statistics: every norm gets the statistics of exactly what it receives at
+            inference, at any batch size. ``data`` must then be iterable again (a list, a DataLoader).
 
     Raises:
         DataError: no batch, a batch of an unknown kind, the data iterator raised, NaN/Inf input.
@@ -228,61 +249,102 @@ def recalibrate(
         >>> model.training, model[2].num_batches_tracked.item()   # mode kept; dropout was off
         (True, 4)
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise DataError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if forward is not None and not callable(forward):
-        raise CalibrationError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
-    target_device = torch.device(device) if device is not None else model_device(model)
-    batches = batches_of(data)
-    total = num_batches
-    if total is None and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, dict)):
-        total = len(data)
-    with prepare_recalibration(model, select=select) as session:
-        count = _run_batches(session, batches, num_batches, target_device, forward, progress, total)
-        if count == 0:
-            raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
-        return finish_recalibration(session, all_reduce=all_reduce)
+    all_reduce = resolve_all_reduce(all_reduce)
+    run = _Pass(model, data, num_batches, device, forward, progress, all_reduce)
+    if order == "sequential":
+        return _sequential(run, select)
+    if order != "joint":
+        run.fail_together()
+        raise CalibrationError(f"order must be 'joint' or 'sequential', got {order!r}; the model is unchanged")
+    return run(select, warn=True)
 
 
-def _run_batches(session: RecalibrationSession, batches: Iterable[Any], num_batches: int | None,
-                 device: torch.device, forward: Callable[[nn.Module, Any], Any] | None, progress: bool,
-                 total: int | None) -> int:
-    """Run the batches through the session's model, each as one calibration forward under
-    ``torch.inference_mode``; returns how many ran."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+class _Pass:
+    """One pass of :func:`recalibrate` over the data (its arguments kept for the next pass)."""
 
-        bar = tqdm(total=total, desc="recalibrate", unit="batch")
-    index = 0
-    model = session.model
+    def __init__(self, model: nn.Module, data: Any, num_batches: int | None, device: Any,
+                 forward: Callable[[nn.Module, Any], Any] | None, progress: bool, all_reduce: bool) -> None:
+        self.model, self.data, self.num_batches, self.device = model, data, num_batches, device
+        self.forward, self.progress, self.all_reduce = forward, progress, all_reduce
+        self.passes, self.sequential, self.forwards = 0, False, 0  # forwards: of this process's last pass
+        self.tracker: DependencyTracker | None = None  #: the first sequential pass's (which norm feeds which)
+        self.targets: list[NormTarget] = []  #: the last pass's norms
+
+    def fail_together(self) -> None:
+        if self.all_reduce:
+            fail_together()
+
+    def __call__(self, select: Select, warn: bool, track: bool = False, stop: dict[str, int] | None = None) -> nn.Module:
+        """Prepare, run every batch (inside a :class:`DependencyTracker` when ``track``; each forward
+        ended early by an :class:`EarlyStop` when ``stop`` gives every norm's calls), finish; a failure
+        before the vote is told to the other processes."""
+        session: RecalibrationSession | None = None
+        self.passes += 1
+        try:
+            check_arguments(self.num_batches, self.forward)
+            target_device = torch.device(self.device) if self.device is not None else model_device(self.model)
+            batches = batches_of(self.data)
+            total = self.num_batches
+            if total is None and hasattr(self.data, "__len__") and not isinstance(self.data, (torch.Tensor, dict)):
+                total = len(self.data)
+            session = prepare_recalibration(self.model, select=select)
+            for t in session.targets:
+                t.pool_single = self.sequential
+            self.targets = session.targets
+            self.tracker = DependencyTracker(session.targets, session.tally) if track else None
+            stopper = EarlyStop(session.targets, stop, session.tally) if stop else None
+            with self.tracker or contextlib.nullcontext(), stopper or contextlib.nullcontext():
+                count = self.forwards = run_batches(session, batches, self.num_batches, target_device, self.forward, self.progress,
+                                     total)
+            if count == 0 and not self.all_reduce:  # distributed: a process may have no batch (the vote checks)
+                raise DataError("the calibration data yielded no batch: nothing to compute; the model is unchanged")
+        except BaseException as err:
+            if session is not None:
+                session.close()
+            if isinstance(err, Exception):
+                self.fail_together()  # the other processes raise too instead of waiting for this one
+            raise
+        with session:
+            return finish(session, all_reduce=self.all_reduce, warn=warn, stacklevel=4)
+
+
+def _sequential(run: _Pass, select: Select) -> nn.Module:
+    """``order="sequential"``: a first pass of every chosen norm that also finds their levels (its
+    statistics are right for the first level), then one pass per further level; every buffer is put
+    back when any pass fails."""
+    if isinstance(run.data, Iterator):
+        run.fail_together()
+        raise DataError("order='sequential' runs the data once per level: pass data that can be iterated again (a "
+                        "list, a DataLoader), not an iterator or generator; the model is unchanged")
+    run.sequential = True
     try:
-        iterator = iter(batches)
-        while num_batches is None or index < num_batches:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            except Exception as err:
-                raise DataError(f"reading calibration batch {index} failed: {type(err).__name__}: {err}; "
-                                "the model is unchanged") from err
-            batch = to_device(batch, device)
-            try:
-                with torch.inference_mode(), session.batch():
-                    if forward is None:
-                        default_forward(model, batch, index)
-                    else:
-                        forward(model, batch)
-            except FxNormError:
-                raise
-            except Exception as err:
-                raise CalibrationError(f"batch {index}: the model raised {type(err).__name__}: {err}; "
-                                       "the model is unchanged") from err
-            index += 1
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return index
+        saved = {name: (m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
+                 for name, m in select_norms(unwrap(run.model), select)}
+    except Exception:
+        run.fail_together()
+        raise
+    try:
+        result = run(select, warn=False, track=True)
+        first = report_of(result, CalibrationReport)
+        depends_on = run.tracker.depends_on if run.tracker is not None else {}
+        found = levels(run.targets, agreed_dependencies(run.targets, depends_on, run.all_reduce))
+        calls = run.tracker.calls_per_forward(run.forwards) if run.tracker is not None else {}
+        for level in found[1:]:
+            ids = {id(t.module) for t in level}
+            stop = {t.name: calls[t.name] for t in level if t.name in calls}
+            run(lambda name, module: id(module) in ids, warn=False, stop=stop if len(stop) == len(level) else None)
+    except BaseException:
+        with torch.no_grad():
+            for module, buffers in saved.values():
+                for key, value in buffers.items():
+                    getattr(module, key).copy_(value)
+        raise
+    layers = []
+    for s in first.layers:  # moved: from the statistics before the first pass to the final ones
+        module, old = saved[s.name]
+        layers.append(layer_stats(s.name, s.kind, s.count, s.batches, old["running_mean"], old["running_var"],
+                                  getattr(module, "running_mean"), getattr(module, "running_var"),
+                                  float(getattr(module, "eps", 1e-5))))
+    record_report(result, dataclasses.replace(first, layers=layers, passes=run.passes,
+                                              levels=[[t.name for t in level] for level in found]))
+    return result

@@ -53,6 +53,9 @@ class CalibrationReport(Report):
     unusable: list[str] = field(default_factory=list)  #: reached, but every call was skipped (left untouched)
     #: norm modules that ran without a batch_norm/instance_norm call fxnorm could catch, with why
     unsupported: dict[str, str] = field(default_factory=dict)
+    passes: int = 1  #: passes over the data (``order="sequential"``: one per level)
+    #: ``order="sequential"``: the norms of every level, level by level (empty for the joint order)
+    levels: list[list[str]] = field(default_factory=list)
 
     def moved_most(self, k: int = 10) -> list[LayerStats]:
         """The ``k`` layers whose statistics moved most (for a "what changed" table).

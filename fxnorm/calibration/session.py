@@ -37,35 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
-from ..errors import CalibrationError
-from .batches import batch_size
-from .interception import NormInterceptor, remove_mode
-from .observers import NormTarget, Tally, observe_batch_norm, observe_instance_norm
+from ..errors import CalibrationError, StopForward
+from .engine import OPEN, SCOPE, Engine
+from .observers import NormTarget, Tally
 from .selection import Select, lazy_uninitialized, select_norms
 
-__all__ = ["RecalibrationSession", "Engine", "unwrap", "set_training"]
-
-_SCOPE = object()  # owner of a forward started by RecalibrationSession.batch()
-_OPEN: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines with hooks installed (for overlap checks)
-
-
-def set_training(module: nn.Module, mode: bool) -> None:
-    """Set one module's flag (not its children's, and without a user ``train()`` override)."""
-    if "training" in module.__dict__:
-        module.__dict__["training"] = mode
-    else:
-        module.training = mode
+__all__ = ["RecalibrationSession", "unwrap"]
 
 
 def _compiled(module: nn.Module) -> bool:
@@ -104,154 +87,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-@dataclass(eq=False)
-class _Forward:
-    """The calibration forward in flight."""
-
-    owner: Any  #: _SCOPE, or the frame of the model call that started it
-    thread: int
-    #: per model call in flight, the exception being handled around it (not a failure of the call)
-    outer: list[BaseException | None]
-    flipped: list[nn.Module]
-    samples: int | None
-
-
-class Engine:
-    """Everything the hooks need; referenced by the hooks, never referencing the session."""
-
-    def __init__(self, model: nn.Module, targets: list[NormTarget]) -> None:
-        self.model, self.targets, self.tally = model, targets, Tally()
-        self.modules = list(model.modules())
-        self.by_module = {id(t.module): t for t in targets}
-        self.mode = NormInterceptor({id(t.running_mean): (t, t.running_mean, t.running_var) for t in targets},
-                                    self.answer)
-        self.handles: list[RemovableHandle] = []
-        self.forward: _Forward | None = None
-
-    def answer(self, target: NormTarget, kind: str, bound: dict[str, Any]) -> Any:
-        """Answer an intercepted norm call (see :mod:`fxnorm.calibration.interception`)."""
-        x, weight, bias, eps = bound["input"], bound["weight"], bound["bias"], float(bound["eps"])
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != target.num_channels:  # torch says what is wrong
-            norm = F.instance_norm if kind == "instance_norm" else F.batch_norm
-            return norm(x, target.running_mean, target.running_var, weight, bias, False, 0.0, eps)
-        if kind == "instance_norm":
-            return observe_instance_norm(target, self.tally, x, weight, bias, eps)
-        return observe_batch_norm(target, self.tally, x, weight, bias, eps)
-
-    # -- forwards ----------------------------------------------------------------------------
-    def begin(self, owner: Any, samples: int | None) -> None:
-        if self.forward is not None:
-            raise CalibrationError("a calibration forward is already running (session.batch() inside a forward "
-                                   "of the model?)")
-        flipped = [m for m in self.modules if m.training]
-        for m in flipped:
-            set_training(m, False)
-        self.tally.batch += 1
-        calls = [] if owner is _SCOPE else [sys.exc_info()[1]]
-        self.forward = _Forward(owner, threading.get_ident(), calls, flipped, samples)
-        self.mode.__enter__()
-
-    def end(self, ok: bool, why: str = "raised") -> None:
-        forward, self.forward = self.forward, None
-        if forward is None:
-            return
-        remove_mode(self.mode)
-        for m in forward.flipped:
-            set_training(m, True)
-        if ok:
-            self.tally.num_batches += 1
-            self.tally.num_samples += forward.samples or 0
-        elif self.tally.failed is None:
-            self.tally.failed = f"the forward of batch {self.tally.batch} {why}"
-
-    def stale(self) -> bool:
-        """Whether the forward in flight was abandoned by an interrupt (its model call is gone)."""
-        forward = self.forward
-        if forward is None or forward.owner is _SCOPE or forward.thread != threading.get_ident():
-            return False
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame is forward.owner:
-                return False
-            frame = frame.f_back  # type: ignore[assignment]
-        return True
-
-    def root_pre(self, call: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        forward = self.forward
-        if forward is not None and forward.thread != threading.get_ident():
-            raise CalibrationError("the model is being recalibrated and runs in another thread: run the calibration "
-                                   "batches from one thread")
-        if forward is not None and self.stale():
-            self.end(False, "was interrupted")
-            forward = None
-        if forward is None:
-            self.begin(call, batch_size(args, kwargs))
-            return
-        forward.outer.append(sys.exc_info()[1])  # the model called inside a forward, or inside session.batch()
-        if forward.samples is None:
-            forward.samples = batch_size(args, kwargs)
-
-    def root_post(self) -> None:
-        forward = self.forward
-        if forward is None or forward.thread != threading.get_ident() or not forward.outer:
-            return
-        outer = forward.outer.pop()
-        failed = sys.exc_info()[1] is not None and sys.exc_info()[1] is not outer
-        if failed and self.tally.failed is None:
-            self.tally.failed = f"the forward of batch {self.tally.batch} raised"
-        if not forward.outer and forward.owner is not _SCOPE:
-            self.end(not failed)
-
-    def norm_pre(self, target: NormTarget) -> None:
-        forward = self.forward
-        if forward is None or forward.thread != threading.get_ident():
-            raise CalibrationError(
-                f"norm '{target.label}' ran outside a forward of the model being recalibrated (a submodule or a "
-                "method called directly, or another thread): run the batches through the model itself, inside "
-                "`with session.batch(): ...`, or recalibrate that submodule")
-        target.module_calls += 1
-
-    # -- installation --------------------------------------------------------------------------
-    def install(self) -> None:
-        ref = weakref.ref(self)
-
-        # a copy of the model (copy.deepcopy) carries these hooks along: they only act on the model itself
-        def root_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            engine = ref()
-            if engine is not None and module is engine.model:  # the caller's frame lives as long as this call
-                engine.root_pre(sys._getframe(1), args, kwargs)
-
-        def root_post(module: nn.Module, args: tuple, kwargs: dict[str, Any], result: Any) -> None:
-            engine = ref()
-            if engine is not None and module is engine.model:
-                engine.root_post()
-
-        def norm_pre(module: nn.Module, args: tuple) -> None:
-            engine = ref()
-            target = engine.by_module.get(id(module)) if engine is not None else None
-            if engine is not None and target is not None and target.module is module:
-                engine.norm_pre(target)
-
-        try:
-            self.handles.append(self.model.register_forward_pre_hook(root_pre, prepend=True, with_kwargs=True))
-            self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True, always_call=True))
-            for module in {id(t.module): t.module for t in self.targets}.values():
-                self.handles.append(module.register_forward_pre_hook(norm_pre))
-        except BaseException:
-            self.remove()
-            raise
-        _OPEN.add(self)
-
-    def remove(self) -> None:
-        """End a forward left in flight (an interrupt), take every hook off; idempotent."""
-        if self.forward is not None:
-            self.end(False, "was interrupted")
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        _OPEN.discard(self)
-
-
 class RecalibrationSession:
     """The state of one recalibration: made by :func:`fxnorm.prepare_recalibration`, ended by
     :func:`fxnorm.finish_recalibration` (writes the statistics) or :meth:`close` (writes nothing).
@@ -288,7 +123,7 @@ class RecalibrationSession:
             raise CalibrationError(f"lazy norm(s) {', '.join(lazy)} are not initialized yet: run one forward through "
                                    "the model first (or select other norms)")
         targets = [NormTarget.for_module(name, m) for name, m in chosen]
-        busy = {id(t.running_mean): t.label for engine in list(_OPEN) for t in engine.targets}
+        busy = {id(t.running_mean): t.label for engine in list(OPEN) for t in engine.targets}
         taken = [busy[id(t.running_mean)] for t in targets if id(t.running_mean) in busy]
         if taken:
             raise CalibrationError(f"norm(s) {', '.join(taken[:6])} are already in a recalibration session: finish "
@@ -346,11 +181,14 @@ class RecalibrationSession:
         if self.closed:
             raise CalibrationError("this recalibration session is closed: call fxnorm.prepare_recalibration(model) again")
         self.end_interrupted()
-        self._engine.begin(_SCOPE, num_samples)
+        self._engine.begin(SCOPE, num_samples)
         ok = False
         try:
             yield self
             ok = True
+        except StopForward:  # ended early on purpose: complete
+            ok = True
+            raise
         finally:
             self._engine.end(ok)
 

@@ -15,16 +15,19 @@ Example:
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+import warnings
+from collections.abc import Sequence
 
-from ..errors import CalibrationError, DataError, FxNormError, NonFiniteStatistics
+import torch
+
+from ..errors import CalibrationError, CalibrationWarning, DataError, FxNormError, NonFiniteStatistics
+from .distributed import Vote, all_reduce_targets, vote
 from .observers import NormTarget
 from .report import CalibrationReport
 from .session import RecalibrationSession
 
-__all__ = ["NO_BATCH", "first_failure", "all_reduce_targets", "local_checks", "gather", "new_statistics",
-           "unsupported_reason", "build_report"]
+__all__ = ["NO_BATCH", "SMALL_BATCH", "first_failure", "local_checks", "gather", "new_statistics",
+           "write_statistics", "warn_small_batches", "unsupported_reason", "build_report"]
 
 
 def first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
@@ -36,64 +39,60 @@ def first_failure(targets: list[NormTarget]) -> NonFiniteStatistics | None:
     return target.bad_error(batch)
 
 
-def all_reduce_targets(targets: list[NormTarget]) -> None:
-    for t in targets:
-        t.moments.all_reduce()
-    device = targets[0].moments.device
-    counts = torch.tensor([[t.calls, t.updates, t.skipped] for t in targets], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    for t, (calls, updates, skipped) in zip(targets, counts.round().long().tolist()):
-        t.calls, t.updates, t.skipped = calls, updates, skipped
-
-
 NO_BATCH = ("no batch was run through the model since prepare_recalibration(): nothing to write; the model is "
              "unchanged (a model compiled with torch.compile after prepare_recalibration, or a copy of the model, "
              "does not run fxnorm's hooks: run the batches through the model given to prepare_recalibration)")
 
 
-def local_checks(session: RecalibrationSession) -> None:
-    """What must hold on this process before anything is merged (raises the first problem)."""
+def local_checks(session: RecalibrationSession, *, need_batches: bool = True,
+                 targets: Sequence[NormTarget] | None = None) -> None:
+    """What must hold on this process before anything is merged (raises the first problem).
+    ``need_batches=False``: a process without batches is fine (a distributed run pools the others')."""
     session.end_interrupted()
     tally = session.tally
     if tally.failed:
         raise CalibrationError(f"{tally.failed}: the statistics gathered since prepare_recalibration() are incomplete "
                                "and were not written; the model is unchanged (call fxnorm.prepare_recalibration(model) "
                                "again)")
-    if tally.num_batches == 0:
+    if need_batches and tally.num_batches == 0:
         raise DataError(NO_BATCH)
-    failure = first_failure(session.targets)
+    targets = session.targets if targets is None else targets
+    for t in targets:
+        if t.module.running_mean is not t.running_mean or t.module.running_var is not t.running_var:
+            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare_recalibration() "
+                                   "(model.to()?): nothing was written; prepare again after moving the model")
+    failure = first_failure(list(targets))
     if failure is not None:
         raise failure
 
 
-def gather(session: RecalibrationSession, all_reduce: bool) -> None:
-    """Local checks, then (distributed) a vote so that every rank fails together, then the merge."""
+def gather(session: RecalibrationSession, all_reduce: bool, targets: Sequence[NormTarget] | None = None) -> Vote | None:
+    """Local checks, then (distributed) the vote, so that every rank fails together, then the merge of
+    ``targets`` (default: all of the session's). Returns the vote (None when not distributed)."""
+    targets = session.targets if targets is None else targets
     local: FxNormError | None = None
     try:
-        local_checks(session)
+        local_checks(session, need_batches=not all_reduce, targets=targets)
     except FxNormError as err:
         local = err
+    outcome = None
     if all_reduce:
-        device = session.targets[0].moments.device
-        votes = torch.tensor([1.0 if local is not None else 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(votes)
-        if local is None and votes.item() > 0:
-            local = CalibrationError(f"{int(votes.item())} other process(es) failed to calibrate: nothing was written")
+        tally = session.tally
+        outcome = vote(targets, local is not None, tally.num_batches, tally.num_samples, tally.largest)
+        local = local or outcome.error()
     if local is not None:
         raise local
-    for t in session.targets:
+    for t in targets:
         t.flush()
     if all_reduce:
-        all_reduce_targets(session.targets)
+        all_reduce_targets(list(targets))
+    return outcome
 
 
 def new_statistics(session: RecalibrationSession) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The values to write, by target id, cast to the buffers' dtype and checked."""
     new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for t in session.targets:
-        if t.module.running_mean is not t.running_mean or t.module.running_var is not t.running_var:
-            raise CalibrationError(f"the buffers of norm '{t.label}' were replaced after prepare_recalibration() "
-                                   "(model.to()?): nothing was written; prepare again after moving the model")
         if t.updates == 0 or t.count < 2:
             continue
         mean = t.moments.mean.to(t.running_mean.device, t.running_mean.dtype)
@@ -109,6 +108,42 @@ def new_statistics(session: RecalibrationSession) -> dict[int, tuple[torch.Tenso
                                f"{session.tally.num_batches} batch(es) (check the forward and the batch sizes); "
                                "the model is unchanged")
     return new
+
+
+def write_statistics(targets: Sequence[NormTarget], new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy the checked new statistics into the norms' buffers (nothing in it can fail)."""
+    for t in targets:
+        mean, var = new[id(t)]
+        t.running_mean.copy_(mean)
+        t.running_var.copy_(var)
+        if t.num_batches_tracked is not None:
+            t.num_batches_tracked.fill_(t.updates)
+
+
+#: Batches below this many samples make a :class:`~fxnorm.errors.CalibrationWarning` of the joint order.
+SMALL_BATCH = 8
+
+
+def warn_small_batches(largest: int, norms: int, stacklevel: int = 2) -> None:
+    """Warn when the largest calibration batch held fewer than :data:`SMALL_BATCH` samples (and more
+    than one norm was recalibrated): the deeper norms' statistics are then off (see the message).
+    ``stacklevel``: the frame the warning names, counted from this function's caller.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_small_batches(4, norms=3); warn_small_batches(32, norms=3)
+        >>> [type(w.message).__name__ for w in caught]
+        ['CalibrationWarning']
+    """
+    if 0 < largest < SMALL_BATCH and norms > 1:
+        warnings.warn(CalibrationWarning(
+            f"the calibration batches held at most {largest} sample(s): every norm normalized with the statistics "
+            "of so few samples while the statistics were gathered, so a deeper norm received other inputs than it "
+            f"gets at inference and its new statistics do not describe them. Use batches of {SMALL_BATCH} samples or "
+            "more, or order=\"sequential\" (the CLI's --order sequential), which is exact at any batch size"),
+            stacklevel=stacklevel + 1)
 
 
 def unsupported_reason(t: NormTarget) -> str:

@@ -98,6 +98,8 @@ class Console:
     def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False) -> None:
         self.quiet, self.verbose, self.json_mode = quiet, verbose, json
         self.saved: list[str] = []
+        #: False on the processes other than rank 0 of a ``torchrun``: no report, no warning (errors still go to stderr)
+        self.reports = True
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> Console:
@@ -118,13 +120,16 @@ class Console:
 
     def warn(self, message: str) -> None:
         """A warning on stderr, shown even with ``--quiet``."""
-        print(f"fxnorm: warning: {message}", file=sys.stderr, flush=True)
+        if self.reports:
+            print(f"fxnorm: warning: {message}", file=sys.stderr, flush=True)
 
     def out(self, text: str = "") -> None:
-        print(text, file=sys.stdout, flush=True)
+        if self.reports:
+            print(text, file=sys.stdout, flush=True)
 
     def json(self, obj: Any) -> None:
-        print(json.dumps(obj, indent=2, default=str), file=sys.stdout, flush=True)
+        if self.reports:
+            print(json.dumps(obj, indent=2, default=str), file=sys.stdout, flush=True)
 
     @property
     def progress(self) -> bool:

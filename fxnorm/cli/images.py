@@ -120,9 +120,15 @@ class ImageFolderBatches:
         return math.ceil(len(self.files) / self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.files), self.batch_size):
-            chunk = self.files[start:start + self.batch_size]
-            yield torch.stack([load_image(f, self.image_size, self.mean, self.std) for f in chunk])
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Batch ``i`` (decoded now)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        chunk = self.files[i * self.batch_size:(i + 1) * self.batch_size]
+        return torch.stack([load_image(f, self.image_size, self.mean, self.std) for f in chunk])
 
 
 class TensorBatches:
@@ -141,6 +147,9 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.batches[i]
 
 
 def per_channel(values: Sequence[float], name: str = "mean") -> tuple[float, float, float]:

@@ -164,6 +164,10 @@ def _add_recalibrate(sub: Any) -> None:
                    "be recalibrated (they keep their statistics; named on stderr); without it that is an error")
     p.add_argument("--select", action="append", metavar="GLOB",
                    help="only these norms (glob on qualified names, repeatable; default: all)")
+    p.add_argument("--order", choices=("joint", "sequential"), default="joint",
+                   help="joint (default): every norm in one pass over the data, each normalizing with its batch's "
+                   "statistics; sequential: level by level, earlier norms already using their new statistics "
+                   "(one pass per level; exact at any batch size)")
     p.add_argument("--top", type=_positive_int, default=10, help="rows in the table of statistics that moved most")
     p.set_defaults(run=run_recalibrate)
 

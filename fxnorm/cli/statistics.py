@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 import torch
 
 from ..calibration.report import CalibrationReport
-from ..errors import DataError, UsageError
+from ..errors import CalibrationWarning, DataError, UsageError
 from ..reports import report_of
 from .console import EXIT_FAILURE, EXIT_OK, Console
 from .outputs import write_outputs
@@ -70,8 +71,9 @@ def _print_recalibration(console: Console, args: argparse.Namespace, report: Cal
     from tabulate import tabulate
 
     rows = [[s.name, s.kind, s.batches, f"{s.mean_shift:.3g}", f"{s.var_ratio:.3g}"] for s in report.moved_most(args.top)]
+    passes = f" ({report.passes} passes, one per level)" if report.passes > 1 else ""
     console.out(f"recalibrated {len(report.layers)} norm(s) on {report.num_batches} batch(es), "
-                f"{report.num_samples} sample(s)")
+                f"{report.num_samples} sample(s){passes}")
     if rows:
         console.out("statistics that moved most (mean shift in old standard deviations; |log var ratio|):")
         console.out(tabulate(rows, headers=["norm", "kind", "batches", "mean shift", "var change"],
@@ -97,17 +99,35 @@ def _warn_partial(console: Console, report: CalibrationReport) -> list[tuple[str
 
 
 def run_recalibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..calibration.recalibration import recalibrate
+    """``fxnorm recalibrate``; under ``torchrun`` every process runs its share of the batches
+    (:mod:`fxnorm.cli.launch`), and rank 0 alone prints the report and writes the output."""
     from .images import IMAGENET_MEAN, IMAGENET_STD, calibration_data
+    from .launch import process_group
 
     mean, std = check_data_options(args)
     device = preflight(args, {"-o": args.output})
     data = calibration_data(args.data, batch_size=args.batch_size, image_size=args.image_size or 224,
                             mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+    with process_group(device) as (launch, device):
+        if launch is not None and launch.rank > 0:  # rank 0 speaks for all: the same pooled report
+            console.quiet, console.reports = True, False
+            warnings.filterwarnings("ignore", category=CalibrationWarning)
+        return _recalibrate(args, console, data, device, launch)
+
+
+def _recalibrate(args: argparse.Namespace, console: Console, data: Any, device: torch.device, launch: Any) -> int:
+    from ..calibration.recalibration import recalibrate
+    from .launch import ShardedBatches, on_rank_zero
+
     model, _ = load(args, console, device)
-    console.log(f"recalibrating on {args.data} ({len(data)} batch(es) available)")
-    model = recalibrate(model, data, num_batches=args.num_batches, device=device, progress=console.progress,
-                        select=_select(args))
+    num_batches = args.num_batches
+    if launch is None:
+        console.log(f"recalibrating on {args.data} ({len(data)} batch(es) available)")
+    else:
+        data, num_batches = ShardedBatches(data, launch.rank, launch.world, args.num_batches), None
+        console.log(f"recalibrating on {args.data} in {launch.world} processes (process 0: {len(data)} batch(es))")
+    model = recalibrate(model, data, num_batches=num_batches, device=device, progress=console.progress,
+                        select=_select(args), order=args.order)
     report = report_of(model, CalibrationReport)
     missed = _warn_partial(console, report)
     payload = {"model": args.model, "output": args.output, "calibration": report.to_dict()}
@@ -118,7 +138,11 @@ def run_recalibrate(args: argparse.Namespace, console: Console) -> int:
         return console.fail(f"{len(missed)} norm(s) could not be recalibrated ({names}); nothing was saved: pass "
                             "--allow-partial to save the model with them left as they were", EXIT_FAILURE,
                             report={**payload, "output": None})
-    console.saved += write_outputs([(args.output, lambda tmp: torch.save(model, tmp))])
+
+    def save() -> None:
+        console.saved += write_outputs([(args.output, lambda tmp: torch.save(model, tmp))])
+
+    on_rank_zero(launch, save)
     console.log(f"saved {args.output}")
     if args.format == "json":
         console.json(payload)

@@ -434,6 +434,44 @@ def test_batch_formats(fmt):
     assert report.num_batches == len(batches) and report.num_samples == sum(b.shape[0] for b in batches)
 
 
+class TwoInputs(nn.Module):
+    """A forward of two inputs, one of them raising a TypeError of its own on a wrong dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor")
+        return self.bn(self.fc(x * mask))
+
+
+@pytest.mark.parametrize("fmt", ["dict_extra_key", "dict_missing_key", "tuple", "tensor", "inside"])
+def test_a_batch_that_does_not_fit_the_forward_is_a_data_error_naming_forward(fmt):
+    """A batch whose structure does not bind to the model's forward is the data's fault: a DataError
+    that names the batch, the signature and the remedy (forward=); a TypeError raised inside the
+    forward stays the model's (CalibrationError, cause chained). Nothing changes either way."""
+    model = randomize_norms(TwoInputs()).eval()
+    snap = snapshot(model)
+    x, mask = torch.randn(8, 5), torch.ones(8, 1, dtype=torch.bool)
+    data = {"dict_extra_key": [{"x": x, "mask": mask, "labels": torch.zeros(8)}],
+            "dict_missing_key": [{"x": x}], "tuple": [(x, mask)], "tensor": [x],
+            "inside": [{"x": x, "mask": mask.float()}]}[fmt]
+    if fmt == "inside":
+        with pytest.raises(CalibrationError, match="batch 0: the model raised TypeError: mask must be a bool") as info:
+            recalibrate(model, data)
+        assert not isinstance(info.value, DataError)
+    else:
+        with pytest.raises(DataError, match=r"batch 0 is a .* which does not fit TwoInputs\.forward\(x, mask\) "
+                                            r"\(.*\): pass forward=lambda model, batch: \.\.\."):
+            recalibrate(model, data)
+    assert_unchanged(model, snap)
+    fitted = recalibrate(model, [(x, mask)], forward=lambda m, b: m(*b))  # the remedy
+    assert report_of(fitted, CalibrationReport).num_batches == 1
+
+
 def test_progress_bar_counts_batches(capsys):
     recalibrate(nn.BatchNorm1d(2), [torch.randn(4, 2) for _ in range(3)], progress=True)
     assert "3/3" in capsys.readouterr().err
@@ -674,25 +712,34 @@ def test_report_figures_by_hand():
 
 def run_ranks(monkeypatch, jobs: list) -> list:
     """Run ``jobs`` (one callable per simulated rank) in threads whose ``dist.all_reduce`` sums over
-    them; return what each returned or raised."""
+    them and ``dist.all_gather`` gathers by rank; return what each returned or raised (the real
+    multi-process runs are in test_distributed.py)."""
     world = len(jobs)
-    barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), []
+    barrier, lock, pending = threading.Barrier(world, timeout=60), threading.Lock(), {}
 
-    def all_reduce(tensor, group=None):
+    def exchange(tensor):
         with lock:
-            pending.append(tensor)
+            pending[int(threading.current_thread().name)] = tensor.clone()
         barrier.wait()
-        total = sum(t.clone() for t in pending)
-        barrier.wait()
-        tensor.copy_(total)
+        gathered = [pending[r] for r in range(world)]
         barrier.wait()
         with lock:
             pending.clear()
         barrier.wait()
+        return gathered
+
+    def all_reduce(tensor, group=None):
+        tensor.copy_(sum(exchange(tensor)))
+
+    def all_gather(out, tensor, group=None):
+        for o, t in zip(out, exchange(tensor)):
+            o.copy_(t)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
     results: list = [None] * world
 
     def rank(i):
@@ -701,7 +748,7 @@ def run_ranks(monkeypatch, jobs: list) -> list:
         except Exception as err:
             results[i] = err
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
+    threads = [threading.Thread(target=rank, args=(i,), name=str(i)) for i in range(world)]
     for t in threads:
         t.start()
     for t in threads:
@@ -750,7 +797,7 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(monkeypatch):
     snaps = [snapshot(m) for m in models]
     results = run_ranks(monkeypatch, ranks_calibrating(models, [batches[:2], [bad]]))
     assert isinstance(results[1], DataError) and "batch 0" in str(results[1])
-    assert isinstance(results[0], CalibrationError) and "1 other process(es) failed" in str(results[0])
+    assert isinstance(results[0], CalibrationError) and "process(es) 1 of 2 failed" in str(results[0])
     for m, snap in zip(models, snaps):
         assert_unchanged(m, snap)
 

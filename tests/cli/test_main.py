@@ -588,3 +588,24 @@ def test_reset(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) ->
     torch.testing.assert_close(model[0].weight, original[0].weight)
     code, out, _ = run(capsys, "reset", f"{factories}:net", "-o", str(out_path), "-q")
     assert code == 0 and out.splitlines()[0] == "reset the running statistics of 3 norm(s):"
+
+
+def test_recalibrate_sequential_order(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    """``--order sequential``: one pass per level; batch size 1 and 4 give the same statistics."""
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(8, 3, 6, 6), data)
+    states = []
+    for batch in ("1", "4"):
+        out_path = tmp_path / f"seq{batch}.pt"
+        code, out, err = run(capsys, "recalibrate", f"{factories}:net", "--data", str(data), "-o", str(out_path),
+                             "--batch-size", batch, "--order", "sequential", "-q")
+        assert code == 0, err
+        assert out.splitlines()[0] == f"recalibrated 3 norm(s) on {8 // int(batch)} batch(es), 8 sample(s) (3 passes, one per level)"
+        states.append(torch.load(out_path, weights_only=False).state_dict())
+    for key, value in states[0].items():
+        if "running" in key:
+            torch.testing.assert_close(states[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    code, out, _ = run(capsys, "recalibrate", f"{factories}:net", "--data", str(data), "-o", str(tmp_path / "j.pt"),
+                       "--order", "sequential", "--format", "json")
+    calibration = json.loads(out)["calibration"]
+    assert calibration["passes"] == 3 and calibration["levels"] == [["1"], ["3"], ["9"]]

@@ -94,6 +94,9 @@ def process_group(device: torch.device) -> Iterator[tuple[Launch | None, torch.d
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank, world_size=launch.world)
     try:
         yield launch, device
+        # every rank done with every collective before any tears its connections down (gloo aborts
+        # a process whose peer closed while its own work objects were still alive)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -45,7 +45,8 @@ from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
 from .constants import BNConstants, bn_constants
 from .forwards import trace_own_forward
 from .observed import OBSERVED, observed_call, observed_fold
-from .plan import Analysis, NormCall, Proposal, consumer_plan, norm_problem, producer_plan
+from .neighbours import consumer_plan, producer_plan
+from .plan import Analysis, NormCall, Proposal, norm_problem
 from .report import Evidence
 
 __all__ = ["Decision", "Plan", "plan_folds"]

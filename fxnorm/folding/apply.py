@@ -108,8 +108,7 @@ def _observed_disagree(work: nn.Module, inputs: tuple | None, plan: Plan, undo: 
         return False
     undo()
     for d in observed:
-        d.mode, d.layer, d.layer_name, d.consts, d.site, d.evidence, d.reason = (None, None, None, None, None, None,
-                                                                               DISAGREED)
+        d.drop(DISAGREED)
     return True
 
 

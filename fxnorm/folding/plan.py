@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from ..graph.calls import bind_node
 from ..graph.kinds import known_base
-from ..graph.readers import why_opaque
+from ..graph.readers import is_metadata_query, why_opaque
 
-__all__ = ["Analysis", "NormCall", "Proposal", "norm_problem", "layer_problem", "crossing_hooks"]
+__all__ = ["Analysis", "NormCall", "Target", "Proposal", "norm_problem", "layer_problem", "crossing_hooks"]
 
 
 @dataclass(eq=False)
@@ -49,6 +49,10 @@ class Analysis:
     allow_hooks: bool = False
     global_hooks: list[str] = field(default_factory=list)
     complete: bool = True  #: the whole model is one graph
+    #: id(conv/linear subclass) -> [(part prefix, node name)]: the layer-function calls its own forward made
+    own_calls: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    own_nodes: set[int] = field(default_factory=set)  #: ids of those call nodes (in the parts' graphs)
+    own_forwards: dict[int, str | None] = field(default_factory=dict)  #: id(subclass) -> own_forward_problem
 
     def name_of(self, module: nn.Module) -> str:
         names = self.names.get(id(module))
@@ -102,18 +106,34 @@ Mode = Literal["into_producer", "into_consumer"]
 
 
 @dataclass(eq=False)
+class Target:
+    """A layer a fold changes, at one call site, and the part of the norm's channels it takes."""
+
+    layer: nn.Module
+    name: str  #: its qualified name
+    site: tuple[str, str]  #: its call (part prefix, node name): a call_module node, or its own forward's call
+    #: ``(start, stop)``: the norm channels this layer produces (one of several concatenated producers)
+    channels: tuple[int, int] | None = None
+    repeat: int = 1  #: into a Linear after a flatten: each norm channel is this many consecutive input features
+
+    @property
+    def how(self) -> tuple[tuple[int, int] | None, int]:
+        """What of the norm this target takes (two sites of a layer must take the same)."""
+        return self.channels, self.repeat
+
+
+@dataclass(eq=False)
 class Proposal:
-    """A fold the rules allow: ``mode`` into ``layer`` (called at ``layer_node``)."""
+    """A fold the rules allow: ``mode`` into ``targets`` (one layer, or the concatenated producers)."""
 
     mode: Mode
-    layer_node: fx.Node
-    layer: nn.Module
-    layer_name: str
+    targets: list[Target]
 
 
 def layer_problem(an: Analysis, layer: nn.Module, role: str) -> str | None:
     """Why ``layer`` (a conv/linear) cannot take a fold: opaque calls, hidden references, its weight
-    or bias read elsewhere."""
+    or bias read elsewhere (a subclass's own calls of the layer function read them: those count as
+    its calls, not as other readers)."""
     name = an.name_of(layer)
     why = why_opaque(layer, allow_hooks=an.allow_hooks)
     if why is not None:
@@ -121,10 +141,16 @@ def layer_problem(an: Analysis, layer: nn.Module, role: str) -> str | None:
     if id(layer) in an.hidden:
         return f"{role} {name} is also held outside the module tree ({', '.join(an.hidden[id(layer)][:3])})"
     for attr in ("weight", "bias"):
-        readers = an.reads.get((id(layer), attr))
+        readers = [r for r in an.reads.get((id(layer), attr), []) if not _own_read(an, r)]
         if readers:
             return f"the {attr} of {role} {name} is also read by {_readers(readers)}"
     return None
+
+
+def _own_read(an: Analysis, reader: Any) -> bool:
+    """A ``get_attr`` read only by a subclass's own layer-function calls (or for its shape)."""
+    return isinstance(reader, fx.Node) and bool(an.own_nodes) and all(
+        id(u) in an.own_nodes or is_metadata_query(u, reader) for u in reader.users)
 
 
 def _readers(readers: list[Any]) -> str:

@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.readers import why_opaque
+from ..graph.readers import mutators, why_opaque
 from ..graph.tracing import LeafModules, trace
 from .analysis import analyze, layer_sites
 from .forwards import GraphProgram, install_forward, trace_own_forward
@@ -219,6 +219,11 @@ def _plan(an: Analysis, sites: dict[int, list], gm: fx.GraphModule, root: fx.Nod
     other = next((b for b in branches if b.module is None and b.node not in inputs), None)
     if other is not None:
         return f"branch {other.name_hint} is not a conv, a batch norm, a ChannelAffine or the input"
+    calls = {id(b.node) for b in branches if b.module is not None}  # convs, norms, affines: they write nothing
+    writers = [w.name for w in mutators(gm, next(iter(inputs))) if id(w) not in calls]
+    if writers:
+        return (f"the input may be written in place by {', '.join(writers[:3])} (a traced 'x += y' reads as "
+                "'x + y': put the input last in the sum)")
     if any(len(b.node.users) != 1 for b in branches if b.module is not None):
         return "a branch's output is also used outside the sum"
     convs = [b.conv for b in branches if b.conv is not None]

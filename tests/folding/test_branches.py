@@ -120,6 +120,16 @@ class TwoInputs(nn.Module):
         return self.a(x) + self.b(x * 2)
 
 
+class InputFirst(RepBlock):
+    """``x + ...`` merges; ``x += ...`` writes into the caller's tensor: refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trap == "iadd":
+            x += self.dense(x) + self.one(x)
+            return x
+        return x + self.dense(x) + self.one(x)
+
+
 class Hooked(RepBlock):
     def __init__(self) -> None:
         super().__init__(4)
@@ -130,10 +140,16 @@ class Hooked(RepBlock):
     (Uncentered(), "is not a conv, a batch norm"),
     (TwoInputs(), "different inputs"),
     (Hooked(), "hook"),
+    (InputFirst(4, trap="iadd"), "written in place by add"),
 ])
 def test_other_refusals_say_why(model, why):
     _, report = merged_report(model, torch.randn(2, 4, 6, 6))
     assert [m.into for m in report.merged] == [""] and why in str(report.merged[0].reason), report.merged
+
+
+def test_input_first_in_the_sum_merges():
+    _, report = merged_report(InputFirst(4), torch.randn(2, 4, 5, 5))
+    assert [(m.branches, m.into) for m in report.merged] == [(["x", "dense", "one"], "dense")]
 
 
 def test_without_the_flag_nothing_merges():

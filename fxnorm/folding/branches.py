@@ -231,8 +231,9 @@ def _plan(an: Analysis, sites: dict[int, list], gm: fx.GraphModule, root: fx.Nod
             or _usage_problem(an, sites, gm, branches) or (branches, adds))
 
 
-def _apply(owner: nn.Module, gm: fx.GraphModule, root: fx.Node, branches: list[_Branch]) -> str:
-    """Merge into the largest conv's module, rewrite the owner's forward, drop the other branches."""
+def _apply(owner: nn.Module, gm: fx.GraphModule, adds: list[fx.Node], branches: list[_Branch]) -> str:
+    """Merge into the largest conv's module, rewrite the owner's forward, drop the other branches
+    (``adds[0]`` is the sum's root)."""
     target = max((b for b in branches if b.conv is not None), key=lambda b: b.conv.kernel_size[0])  # type: ignore[union-attr]
     weight, bias, size = _merged_kernel(branches)
     conv = target.conv
@@ -240,16 +241,18 @@ def _apply(owner: nn.Module, gm: fx.GraphModule, root: fx.Node, branches: list[_
     grad = conv.weight.requires_grad
     conv.weight, conv.bias = nn.Parameter(weight, requires_grad=grad), nn.Parameter(bias, requires_grad=grad)
     conv.kernel_size, conv.padding = (size, size), (size // 2, size // 2)
-    root.replace_all_uses_with(target.node)
-    for node in reversed(list(gm.graph.nodes)):
-        if node is not target.node and not node.users and (node is root or node in _summands(root)[1]
-                                                              or any(node is b.node for b in branches)):
+    adds[0].replace_all_uses_with(target.node)
+    dead = {id(n) for n in adds} | {id(b.node) for b in branches if b.module is not None and b is not target}
+    for node in reversed(list(gm.graph.nodes)):  # users before what they read
+        if id(node) in dead:
+            assert not node.users, f"{node.name} is still read"  # every reader was in the sum
             gm.graph.erase_node(node)
     gm.graph.lint()
     install_forward(owner, GraphProgram.from_graph(gm.graph))
     for b in branches:
         if b.module is not None and b is not target:
-            setattr(owner, str(b.node.target), nn.Identity())
+            parent, _, attr = str(b.node.target).rpartition(".")
+            setattr(owner.get_submodule(parent) if parent else owner, attr, nn.Identity())
     return str(target.node.target)
 
 
@@ -278,7 +281,7 @@ def merge_branches(model: nn.Module, *, leaf_modules: LeafModules = ()) -> list[
             if isinstance(found, str):
                 out.append(MergedBranches(block, [], "", found))
                 continue
-            branches, _ = found
+            branches, adds = found
             labels = [b.label for b in branches]
-            out.append(MergedBranches(block, labels, _apply(owner, gm, root, branches)))
+            out.append(MergedBranches(block, labels, _apply(owner, gm, adds, branches)))
     return out

@@ -70,6 +70,8 @@ def test_rep_block_merges_into_one_conv(identity, groups):
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2 and not any(type(m) in (nn.BatchNorm2d,) for m in folded.modules())
     assert not report.skipped  # the identity norm that could not fold was merged away
+    source = folded[1].forward.args[0].source  # the rewritten forward: one conv call, no sum left
+    assert " + " not in source and "self.one" not in source, source
     again = pickle.loads(pickle.dumps(folded))  # the rewritten forward saves and loads
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     assert torch.equal(again(x), folded(x))

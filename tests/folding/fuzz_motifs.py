@@ -3,7 +3,7 @@ hypothesis, built from the places where folding tools go wrong.
 
 Every builder takes hypothesis's ``draw`` and returns ``(model, inputs, fold_kwargs)``: a float64
 model in eval mode (statistics randomized by the caller), inputs that run, and the arguments to pass
-to both ``find_norms`` and ``fold``.
+to both ``find_norms`` and ``fold`` (``merge_branches`` and ``standalone`` to ``fold`` only).
 """
 
 from __future__ import annotations
@@ -456,8 +456,66 @@ def head(draw: Draw) -> tuple[nn.Module, tuple, dict]:
     return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
 
 
+class Branches(nn.Module):
+    """Parallel conv(-norm) branches of one input summed (RepVGG-style), for merge_branches=True: kernel
+    sizes, paddings, dilations, strides and groups drawn; an identity branch or not; traps between the
+    input and the sum."""
+
+    def __init__(self, convs: list[nn.Module], identity: nn.Module | None, trap: str) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.identity, self.trap = identity, trap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [conv(x * 2 if self.trap == "inputs" and i == 1 else x) for i, conv in enumerate(self.convs)]
+        if self.trap == "relu":
+            outs[-1] = torch.relu(outs[-1])
+        y = outs[0]
+        for out in outs[1:]:
+            y = y + out
+        if self.identity is not None:
+            y = y + self.identity(x)
+        elif self.trap == "input":
+            y = y + x
+        if self.trap == "iadd":
+            x += y
+            return x
+        return y * 2 + outs[0].mean() if self.trap == "reread" else torch.relu(y)
+
+
+def branches(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = 4
+    out = draw(st.sampled_from([4, 4, 8]))
+    stride, groups = draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 2]))
+    convs: list[nn.Module] = []
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 3, 3, 5]))
+        dilation = draw(st.sampled_from([1] * 5 + [2]))
+        mode = draw(st.sampled_from(["zeros"] * 5 + ["reflect"])) if k > 1 else "zeros"
+        conv = nn.Conv2d(c, out, k, stride, k // 2 * dilation, dilation=dilation, groups=groups,
+                         bias=draw(st.booleans()), padding_mode=mode)
+        norm = nn.BatchNorm2d(out) if draw(st.sampled_from([True, True, False])) else _norm(draw, 2, out)
+        convs.append(nn.Sequential(conv, norm) if draw(st.sampled_from([True, True, False])) else conv)
+    if draw(st.sampled_from([False] * 5 + [True])) and len(convs) > 1:
+        convs[1] = convs[0]  # one branch module registered and called twice
+    identity = draw(st.sampled_from(["none", "bn", "bn", "module", "input", "other"]))
+    if out != c or stride != 1:
+        identity = draw(st.sampled_from(["none"] * 9 + ["bn"]))  # an identity branch would not run: rarely drawn
+    trap = draw(st.sampled_from(["none"] * 6 + ["relu", "reread", "inputs", "iadd", "input", "hook"]))
+    module = {"bn": nn.BatchNorm2d(c), "other": _norm(draw, 2, c), "module": nn.Identity()}.get(identity)
+    if trap == "hook":
+        convs[-1].register_forward_hook(lambda m, i, o: None)
+    model = Branches(convs, module, trap if identity != "input" else "input")
+    x = torch.randn(2, c, 7, 7, dtype=torch.float64)
+    kwargs: dict = {"merge_branches": True, "standalone": draw(st.sampled_from(["keep", "affine"]))}
+    if draw(st.booleans()):
+        kwargs["example_inputs"] = (x,)
+    return model, (x,), kwargs
+
+
 #: Every motif, by name.
 MOTIFS: dict[str, Callable[[Draw], tuple[nn.Module, tuple, dict]]] = {
     "conv_norm": conv_norm, "norm_layer": norm_layer, "reshaped": reshaped, "shared": shared, "hooked": hooked,
     "glue": glue, "stack": stack, "concat": concat, "own_layer": own_layer, "head": head,
+    "branches": branches,
 }

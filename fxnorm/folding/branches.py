@@ -10,8 +10,9 @@ That is exact when every conv branch is a plain ``nn.Conv2d`` with odd square ke
 convs share stride, groups and channel counts, and an identity branch (the input itself, a plain
 eval-mode ``BatchNorm2d`` with running statistics, a :class:`~fxnorm.folding.modules.ChannelAffine`,
 or an ``nn.Identity``) comes with stride 1 and as many output as input channels. Each branch module
-must be called only there, without hooks or readers of its tensors elsewhere; anything else between
-the input and the sum (an activation, a different input) refuses the merge with the reason.
+must be called only there (in a model that traces as one graph), without hooks or readers of its
+tensors elsewhere; anything else between the input and the sum (an activation, a different input)
+refuses the merge with the reason.
 
 This is the one change that does not keep the drop-in contract of :func:`fxnorm.fold`: the block's
 own forward is rewritten (:func:`fxnorm.folding.forwards.install_forward`; its class is kept) to call
@@ -159,6 +160,8 @@ def _usage_problem(an: Analysis, sites: dict[int, list], gm: fx.GraphModule, bra
     """Why a branch module cannot change: hooks, another registration, call site or reader, a
     reference outside the module tree. (A container or an fxnorm module the whole-model trace goes
     through has no call site there: it must be registered once and called once by the block.)"""
+    if not an.complete:  # a call from untraced code would see the merged kernel
+        return "the model does not trace as one graph: untraced code might call the branch modules"
     registered = [id(m) for _, m in an.model.named_modules(remove_duplicate=False)]
     for b in branches:
         for module in filter(None, (b.module, b.conv)):

@@ -154,6 +154,23 @@ def test_input_first_in_the_sum_merges():
     assert [(m.branches, m.into) for m in report.merged] == [(["x", "dense", "one"], "dense")]
 
 
+class Untraceable(nn.Module):
+    """Traced part by part: the root's control flow stops the whole-model trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = RepBlock(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_model_traced_part_by_part_does_not_merge():
+    _, report = merged_report(Untraceable(), torch.randn(2, 4, 5, 5))
+    assert [m.into for m in report.merged] == [""] and "does not trace as one graph" in str(report.merged[0].reason)
+
+
 def test_without_the_flag_nothing_merges():
     model = randomize_norms(RepBlock(4)).eval()
     report = report_of(fold(model), FoldReport)

@@ -154,7 +154,8 @@ def _cat_plan(an: Analysis, call: NormCall, consts: BNConstants, cat: fx.Node, c
     dims = [channel_dims(kind) for _, kind in found]
     head_dims = {r: (d if all(other.get(r) == d for other in dims) and -r <= dim < r and dim % r == d else None)
                  for r, d in dims[0].items() if d is not None}
-    why = follow_to_norm(call.gm, cat, chain, head_dims, channel_dims(call.rank_kind), consts.num_features)
+    why = _cat_dim_problem(call, cat, chain, dims, head_dims) or follow_to_norm(
+        call.gm, cat, chain, head_dims, channel_dims(call.rank_kind), consts.num_features)
     for t, (layer, _) in zip(tensors, found):
         why = why or layer_problem(an, layer, "producer") or crossing_hooks(an, call.prefix, t, call.node)
     why = why or _chain_problem(an, call, chain)
@@ -165,6 +166,21 @@ def _cat_plan(an: Analysis, call: NormCall, consts: BNConstants, cat: fx.Node, c
         targets.append(Target(layer, an.name_of(layer), _site(call, t), channels=(start, start + width)))
         start += width
     return Proposal("into_producer", targets)
+
+
+def _cat_dim_problem(call: NormCall, cat: fx.Node, chain: list[fx.Node], dims: list[dict[int, int | None]],
+                     head_dims: dict[int, int | None]) -> str | None:
+    """Why the concatenation may join along another dim than the producers' channel dim: at a rank the
+    producers can have (the recorded one, else every rank) that can reach the norm."""
+    known = rank_of(call.gm, cat)
+    norm_ranks = channel_dims(call.rank_kind)
+    for rank, d in dims[0].items():
+        if d is None or head_dims.get(rank) is not None or (known is not None and rank != known):
+            continue
+        if chain or rank in norm_ranks:  # through a chain every rank may reach it
+            return (f"producer {cat.name} may join its producers along another dim than their channels (at rank "
+                    f"{rank})" + ("" if known is not None else " (pass example_inputs to record shapes)"))
+    return None
 
 
 def _pads_with_zeros(layer: nn.Module) -> bool:

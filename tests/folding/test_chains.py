@@ -82,6 +82,23 @@ def test_concatenation_refusals():
     assert "do not stay the norm's channels" in reason(report, "bn")
 
 
+@pytest.mark.parametrize("example", [True, False])
+def test_linears_joined_along_the_sequence_dim_are_refused(example):
+    """(N, L, C) Linear outputs joined along dim 1 give BatchNorm1d 2L "channels" that are positions,
+    not the Linears' features (found by the fuzzer: without shapes only rank 2 was checked)."""
+    model = Concat([nn.Linear(2, 3), nn.Linear(2, 3)], 6, norm=nn.BatchNorm1d)
+    report = folded_report(model, torch.randn(5, 3, 2), example)
+    assert not report.folded
+    assert "channels" in reason(report, "bn")
+
+
+def test_linears_joined_on_2d_inputs_fold_with_recorded_shapes_only():
+    model = Concat([nn.Linear(2, 3), nn.Linear(2, 3)], 6, norm=nn.BatchNorm1d)
+    assert folded_report(model, torch.randn(5, 2)).folded[0].into == "layers.0, layers.1"
+    report = folded_report(model, torch.randn(5, 2), example=False)  # rank 3 would join positions
+    assert "(pass example_inputs to record shapes)" in reason(report, "bn")
+
+
 class CatOneLayerTwice(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .export import export_folded, export_for_quantization, export_onnx
 from .folding.apply import ChannelAffine, Standalone, fold
-from .folding.report import FoldedNorm, FoldMode, FoldReport, SkippedNorm
+from .folding.report import FoldedNorm, FoldMode, FoldReport, MergedBranches, SkippedNorm
 from .graph.tracing import LeafModules, LeafSpec, TraceReport, UntracedPart, trace
 from .inspection.programs import batch_norm_nodes, count_batch_norm_ops, norms_with_affine
 from .inspection.render import format_summary, format_table, format_untraced, report_dict, summarize
@@ -76,6 +76,7 @@ __all__ = [
     "FoldedNorm",
     "FoldMode",
     "SkippedNorm",
+    "MergedBranches",
     "ChannelAffine",
     # reset and recalibration
     "reset",

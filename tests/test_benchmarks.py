@@ -1,10 +1,12 @@
 """The recalibration benchmark (examples/benchmarks/bench_recalibrate.py) on a small configuration:
 its loaders are what it says (the shuffled one holds the same images in the same batch sizes) and
-the errors it reports separate fxnorm from update_bn the way the docs claim."""
+the errors it reports separate fxnorm from update_bn the way the docs claim. The designs benchmark
+(bench_designs.py) counts what fxnorm folds and merges, and its docs section shows the stored figures."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -131,3 +133,43 @@ def test_scale_benchmark_runs_one_and_two_processes_and_both_orders(tmp_path):
     section = tables.scale_section({"scale": data})
     assert "speed-up" in section and "time vs joint" in section
     assert "sequential" in section and "Reproduce: `python examples/benchmarks/bench_scale.py" in section
+
+
+@pytest.fixture(scope="module")
+def designs():
+    return load_script("bench_designs", "examples", "benchmarks", "bench_designs.py")
+
+
+def test_designs_benchmark_counts_what_fxnorm_folds_and_merges(designs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = {r["model"]: r for r in designs.coverage_rows([])}
+        timing = designs.latency(size=16, batch=1, repeats=1, channels=8, blocks=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(rows) == set(designs.DESIGNS)
+    for name, row in rows.items():  # every design folds (or merges) all its norms; torch's fuse none of these
+        assert row["bn_left_fxnorm_merged"] == 0 and row["bn_left_fuse"] > 0 and row["rel_err"] < 1e-5, row
+    rep = rows["RepVGG-style blocks"]
+    assert rep["bn_left_fxnorm"] == 3 and rep["sums_merged"] == 4  # the identity norms go only with the merge
+    assert timing["convs_folded"] == 4 and timing["convs_merged"] == 2 and timing["rel_err"] < 1e-5
+    assert timing["merged/folded"] == pytest.approx(timing["merged_ms"] / timing["folded_ms"])
+
+
+def test_designs_section_renders_the_stored_figures():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                    "benchmarks"))
+    from docs_designs import designs_section
+
+    row = {"model": "m", "bn_total": 2, "bn_left_fuse": "2 (fuse fails: TraceError)", "bn_left_fxnorm": 1,
+           "bn_left_fxnorm_merged": 0, "sums_merged": 1, "rel_err": 1e-7}
+    timing = {"blocks": 2, "channels": 8, "input": [1, 3, 16, 16], "repeats": 3, "eval_ms": 3.0, "folded_ms": 2.0,
+              "merged_ms": 1.0, "merged/folded": 0.5, "merged/eval": 1 / 3, "convs_folded": 4, "convs_merged": 2,
+              "rel_err": 1e-7}
+    text = designs_section({"designs": {"meta": {"threads": 1}, "rows": [row], "latency": timing}})
+    line = next(l for l in text.splitlines() if l.startswith("| m "))
+    assert [c.strip() for c in line.strip("|").split("|")] == ["m", "2", "2 (fuse fails)", "1", "0", "1", "1.0e-07"]
+    assert "| 3.00 | 2.00 | 1.00 | 0.50 | 0.33 | 1.0e-07 |" in " ".join(text.split())

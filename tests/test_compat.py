@@ -27,9 +27,9 @@ def test_every_old_module_path_imports_its_names_with_a_warning(old: str):
 
 
 def test_from_import_of_an_old_path_works_and_warns():
-    with pytest.warns(DeprecationWarning, match=r"fxnorm\.plan is deprecated; import it from fxnorm\.folding\.plan"):
+    with pytest.warns(DeprecationWarning, match=r"fxnorm\.plan is deprecated; import it from fxnorm\.folding\.neighbours"):
         from fxnorm.plan import producer_plan
-    from fxnorm.folding.plan import producer_plan as current
+    from fxnorm.folding.neighbours import producer_plan as current
 
     assert producer_plan is current
 

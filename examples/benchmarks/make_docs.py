@@ -3,7 +3,7 @@
 One command re-runs every benchmark (minutes on a CPU) and rewrites the page::
 
     python examples/benchmarks/make_docs.py --run            # run all, then write docs/benchmarks.md + docs/*.png
-    python examples/benchmarks/make_docs.py --run shift      # re-run one benchmark (fold, coverage, recalibrate, scale, shift)
+    python examples/benchmarks/make_docs.py --run shift      # re-run one benchmark (fold, coverage, designs, recalibrate, scale, shift)
     python examples/benchmarks/make_docs.py                  # only re-render from the stored JSON
     python examples/benchmarks/make_docs.py --check          # exit 1 if docs/benchmarks.md is stale (used by the tests)
     python examples/benchmarks/make_docs.py --api            # also regenerate docs/api.md
@@ -15,7 +15,7 @@ checked without re-running anything). Plots need matplotlib (the ``bench`` extra
 Example:
     >>> from make_docs import BENCHMARKS
     >>> sorted(BENCHMARKS)
-    ['coverage', 'fold', 'fold_detection', 'recalibrate', 'scale', 'shift', 'shift_sorted']
+    ['coverage', 'designs', 'fold', 'fold_detection', 'recalibrate', 'scale', 'shift', 'shift_sorted']
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ PY = sys.executable
 if HERE not in sys.path:  # the table and plot helpers next to this script
     sys.path.insert(0, HERE)
 
-from docs_tables import SECTIONS  # noqa: E402  (after the path set-up on purpose)
+from docs_designs import DESIGNS_SECTION  # noqa: E402  (after the path set-up on purpose)
+from docs_tables import SECTIONS as TABLE_SECTIONS  # noqa: E402
+
+#: the page's sections in order: the designs come after the zoo coverage
+SECTIONS = [*TABLE_SECTIONS[:2], DESIGNS_SECTION, *TABLE_SECTIONS[2:]]
 
 __all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benchmarks", "add_result", "main"]
 
@@ -48,6 +52,7 @@ __all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benc
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "fold": ("fold.json", [PY, "examples/benchmarks/bench_fold.py", "--json", "{json}"]),
     "coverage": ("coverage.json", [PY, "examples/benchmarks/bench_fold.py", "--coverage", "--json", "{json}"]),
+    "designs": ("designs.json", [PY, "examples/benchmarks/bench_designs.py", "--threads", "1", "--json", "{json}"]),
     "fold_detection": ("fold_detection.json", [PY, "examples/benchmarks/bench_fold.py", "--detection", "--threads",
                                                "1", "--json", "{json}"]),
     "recalibrate": ("recalibrate.json",
@@ -58,8 +63,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                      [PY, "examples/domain_shift.py", "--threads", "1", "--sorted", "--json", "{json}"]),
 }
 #: ``--run`` groups: "shift" runs both domain-shift variants.
-GROUPS = {"fold": ["fold", "fold_detection"], "coverage": ["coverage"], "recalibrate": ["recalibrate"],
-          "scale": ["scale"], "shift": ["shift", "shift_sorted"]}
+GROUPS = {"fold": ["fold", "fold_detection"], "coverage": ["coverage"], "designs": ["designs"],
+          "recalibrate": ["recalibrate"], "scale": ["scale"], "shift": ["shift", "shift_sorted"]}
 META = "machine.json"
 
 
@@ -158,7 +163,7 @@ def load_results(results: str = RESULTS) -> dict[str, Any]:
 
     Example:
         >>> sorted(load_results())          # doctest: +ELLIPSIS
-        ['coverage', 'fold', 'fold_detection', 'machine', 'recalibrate', 'scale', 'shift', 'shift_sorted']
+        ['coverage', 'designs', 'fold', 'fold_detection', 'machine', 'recalibrate', 'scale', 'shift', 'shift_sorted']
     """
     found: dict[str, Any] = {name: _read(os.path.join(results, filename)) for name, (filename, _) in BENCHMARKS.items()}
     found["machine"] = _read(os.path.join(results, META))

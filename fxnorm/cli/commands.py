@@ -158,6 +158,9 @@ def _print_fold(console: Console, args: argparse.Namespace, before: list, after:
     kinds = {f.mode for f in report.folded}
     console.out(f"folded {len(report.folded)} norm(s) ({', '.join(sorted(kinds)) or 'none'}); "
                 f"{len(report.skipped)} skipped")
+    merged = [m for m in report.merged if m.into]
+    if report.merged:
+        console.out(f"merged {len(merged)} sum(s) of conv branches; {len(report.merged) - len(merged)} not merged")
     console.out(f"after:  {format_summary(after, untraced)}")
     if after:
         console.out(table(after, args))
@@ -201,7 +204,7 @@ def run_fold(args: argparse.Namespace, console: Console) -> int:
         before_traced = trace(model, leaf_modules=tuple(args.leaf))
         before, untraced = find_norms(before_traced), report_of(before_traced, TraceReport).untraced
         folded = fold(model, strict=args.strict, standalone=args.standalone, norm_affine=args.norm_affine,
-                      example_inputs=inputs, leaf_modules=tuple(args.leaf))
+                      example_inputs=inputs, leaf_modules=tuple(args.leaf), merge_branches=args.merge_branches)
         report = report_of(folded, FoldReport)
         after = find_norms(folded)
     check = _check_fold(reference, folded, inputs, shape, args, console) if args.check and inputs is not None else None

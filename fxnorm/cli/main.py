@@ -139,6 +139,9 @@ def _add_fold(sub: Any) -> None:
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing saved) if any batch norm cannot fold")
     p.add_argument("--norm-affine", action="store_true",
                    help="also fold the affine part of LayerNorm/GroupNorm/RMSNorm into the layer after it")
+    p.add_argument("--merge-branches", action="store_true",
+                   help="after folding, merge parallel summed conv branches of one input (RepVGG-style blocks) "
+                   "into one conv; the blocks' forwards are rewritten (see docs/folding.md)")
     for flag, exporter in EXPORTERS.items():
         p.add_argument(f"--{flag}", metavar="FILE", help=exporter.help)
     p.set_defaults(run=run_fold)

@@ -22,6 +22,7 @@ from ..graph.readers import global_hooks, hidden_references, module_names
 from ..graph.eager import EAGER_READS
 from ..graph.calls import qualified_name
 from ..graph.tracing import graph_parts, traced_report
+from .own_layers import own_call_owner, own_call_problem
 from .plan import Analysis, NormCall
 
 __all__ = ["analyze", "norm_calls", "layer_sites", "FOLDABLE_KINDS"]
@@ -65,7 +66,21 @@ def analyze(model: nn.Module, traced: nn.Module, *, allow_hooks: bool = False) -
                   hidden=hidden_references(model), allow_hooks=allow_hooks, global_hooks=global_hooks(),
                   complete=traced_report(traced).complete)
     an.reads = _reads(model, parts, roots)
+    _own_calls(an)
     return an
+
+
+def _own_calls(an: Analysis) -> None:
+    """Every call a conv/linear subclass's own forward makes of its layer function with its own weight
+    and bias (:mod:`fxnorm.folding.own_layers`): the sites of that layer."""
+    calls: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for prefix, gm in an.parts:
+        for node in gm.graph.nodes:
+            owner = own_call_owner(an.roots[prefix], node)
+            if owner is not None and own_call_problem(gm, node, owner, "") is None:
+                calls[id(owner)].append((prefix, node.name))
+                an.own_nodes.add(id(node))
+    an.own_calls = dict(calls)
 
 
 def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object) -> int:
@@ -102,10 +117,13 @@ def norm_calls(an: Analysis, graphs: dict[str, fx.Graph]) -> list[NormCall]:
 
 
 def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:
-    """``call_module`` nodes of every part by module identity: ``id -> [(prefix, node name)]``."""
+    """``call_module`` nodes of every part by module identity: ``id -> [(prefix, node name)]``; for a
+    conv/linear subclass traced through, the layer-function calls its own forward made."""
     sites: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for prefix, gm in an.parts:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 sites[id(gm.get_submodule(str(node.target)))].append((prefix, node.name))
+    for module_id, calls in an.own_calls.items():
+        sites[module_id].extend(calls)
     return dict(sites)

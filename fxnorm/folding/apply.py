@@ -31,6 +31,7 @@ from ..graph.kinds import BN_KINDS, is_plain, norm_kind
 from ..graph.shapes import record_shapes
 from ..graph.tracing import LeafModules, trace, traced_report
 from ..reports import record_report
+from .branches import merge_branches as merge_sums
 from .changes import compute_changes
 from .copies import copy_sharing_layers, unshare
 from .modules import ChannelAffine
@@ -109,8 +110,7 @@ def _observed_disagree(work: nn.Module, inputs: tuple | None, plan: Plan, undo: 
         return False
     undo()
     for d in observed:
-        d.mode, d.layer, d.layer_name, d.consts, d.site, d.evidence, d.reason = (None, None, None, None, None, None,
-                                                                               DISAGREED)
+        d.drop(DISAGREED)
     return True
 
 
@@ -142,6 +142,7 @@ def fold(
     example_inputs: tuple | None = None,
     leaf_modules: LeafModules = (),
     allow_hooks: bool = False,
+    merge_branches: bool = False,
 ) -> nn.Module:
     """Fold every eval-mode batch norm of ``model`` that folds exactly into a neighbouring conv/linear.
 
@@ -171,6 +172,11 @@ def fold(
         leaf_modules: modules the tracer keeps opaque (classes, qualified names or instances).
         allow_hooks: fold around modules with forward hooks or pre-hooks, which may then see different
             values (by default such folds are refused).
+        merge_branches: after folding, merge parallel summed conv branches of one input
+            (``bn_id(x) + conv3x3(x) + conv1x1(x)``, RepVGG-style) into one conv (see
+            :mod:`fxnorm.folding.branches`). This is the one exception to the drop-in contract: the
+            block's forward is rewritten, one branch conv gets the merged kernel and the other
+            branches become ``nn.Identity``. Reported in ``FoldReport.merged``.
 
     Returns:
         The folded model. ``fxnorm.report_of(folded, FoldReport)`` tells what folded where (with its
@@ -211,6 +217,10 @@ def fold(
         report.forwards = [name for _, name, _ in changes.forwards]
         if norm_affine:
             fold_norm_affine(work, traced, report, allow_hooks=allow_hooks)
+        if merge_branches:
+            report.merged = merge_sums(work, leaf_modules=leaf_modules)
+            gone = {f"{m.block}.{b}" if m.block != "<model>" else b for m in report.merged if m.into for b in m.branches}
+            report.skipped = [s for s in report.skipped if s.name not in gone]  # an identity norm merged away
         unshare(work, shared)
     _warn_training(report)
     record_report(work, report)

@@ -42,7 +42,7 @@ from ..graph.kinds import is_plain, known_base, layer_kind
 from .forwards import GraphProgram, install_forward
 from .maths import bn_scale_shift, fold_bn_into_conv, fold_bn_into_linear, fold_bn_into_next_conv, fold_bn_into_next_linear
 from .modules import ChannelAffine, NormRemainder
-from .plan import norm_problem
+from .plan import Target, norm_problem
 from .planner import Decision, Plan
 
 __all__ = ["Changes", "compute_changes", "new_parameters"]
@@ -113,26 +113,31 @@ def new_parameters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor, n
             (layer, names[1], nn.Parameter(bias, requires_grad=grad))]
 
 
-def _layer_weights(plan: Plan) -> list[tuple[nn.Module, str, nn.Parameter | None]]:
-    """New (weight, bias) of every layer that takes folds, the folds of its first call site in order."""
+def _layer_weights(plan: Plan) -> dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """New (weight, bias) of every layer that takes folds: the folds of its first call site, in order
+    (a concatenation's producers each take their slice of the norm; a Linear after a flatten takes
+    each channel's scale on its block of features)."""
     firsts: dict[int, tuple[str, str]] = {}
-    chains: dict[int, list[Decision]] = defaultdict(list)
+    chains: dict[int, list[tuple[Decision, Target]]] = defaultdict(list)
     for d in sorted(plan.folded(), key=lambda d: d.step):
-        assert d.layer is not None and d.site is not None and d.consts is not None  # set together by the plan
-        site = firsts.setdefault(id(d.layer), d.site)
-        if d.site == site:
-            chains[id(d.layer)].append(d)
-    out = []
-    for chain in chains.values():
-        layer = chain[0].layer
-        assert layer is not None
+        for t in d.targets:
+            site = firsts.setdefault(id(t.layer), t.site)
+            if t.site == site:
+                chains[id(t.layer)].append((d, t))
+    out = {}
+    for layer_id, chain in chains.items():
+        layer = chain[0][1].layer
         kind = layer_kind(layer) or ""
         weight, bias, groups = getattr(layer, "weight"), getattr(layer, "bias"), int(getattr(layer, "groups", 1))
         w, b = weight.detach(), None if bias is None else bias.detach()
-        for d in chain:
+        for d, t in chain:
             c = d.consts
-            assert c is not None
+            assert c is not None  # set with the fold by the plan
             scale, shift = bn_scale_shift(c.running_mean, c.running_var, c.eps, c.weight, c.bias)
+            if t.channels is not None:
+                scale, shift = scale[t.channels[0]:t.channels[1]], shift[t.channels[0]:t.channels[1]]
+            if t.repeat > 1:
+                scale, shift = scale.repeat_interleave(t.repeat), shift.repeat_interleave(t.repeat)
             try:
                 if d.mode == "into_producer" and kind == "Linear":
                     w, b = fold_bn_into_linear(w, b, scale, shift)
@@ -144,9 +149,10 @@ def _layer_weights(plan: Plan) -> list[tuple[nn.Module, str, nn.Parameter | None
                 else:
                     w, b = fold_bn_into_next_conv(w, b, scale, shift, groups=groups)
             except FoldError as err:
-                raise FoldError(f"folding {d.call.name} into {d.layer_name} failed: {err}; the model was left "
+                raise FoldError(f"folding {d.call.name} into {t.name} failed: {err}; the model was left "
                                 "unchanged") from err
-        out += new_parameters(layer, w, b)  # type: ignore[arg-type]  # a fold always returns a bias
+        assert b is not None  # a fold always returns a bias
+        out[layer_id] = (layer, w, b)
     return out
 
 
@@ -208,7 +214,7 @@ def _remainder(plan: Plan, owner: nn.Module, program: GraphProgram) -> NormRemai
 def compute_changes(plan: Plan, standalone: str) -> Changes:
     """Every change the fold makes (see the module doc); raises :class:`FoldError` before any change
     when new weights cannot be computed."""
-    changes = Changes(params=_layer_weights(plan))
+    changes = Changes(params=[p for layer, w, b in _layer_weights(plan).values() for p in new_parameters(layer, w, b)])
     done: set[int] = set()
     owners: dict[int, tuple[nn.Module, set[int]]] = {}
     for d in plan.folded():

@@ -8,7 +8,8 @@ the norm's input while the consumer still needs it (after a fold the norm's outp
 no other read of the layer's weight or of the norm's statistics, no module held outside the module
 tree, no hook that would see different values, no parametrized weight, and the norm's channels are
 the layer's channels at every rank the tensor between them can have. Anything else is refused with a
-reason. :mod:`fxnorm.folding.planner` applies these rules to a whole model.
+reason. The rules about a call site's neighbours are in :mod:`fxnorm.folding.neighbours`;
+:mod:`fxnorm.folding.planner` applies them to a whole model.
 
 Example:
     >>> import torch.nn as nn, fxnorm
@@ -27,16 +28,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.calls import bind_node, describe
-from ..graph.kinds import is_plain, known_base, layer_kind
-from ..graph.readers import mutators, value_users, why_opaque
-from ..graph.shapes import rank_of
-from .constants import BNConstants, channel_dims
+from ..graph.calls import bind_node
+from ..graph.kinds import known_base
+from ..graph.readers import is_metadata_query, why_opaque
 
-__all__ = [
-    "Analysis", "NormCall", "Proposal", "producer_plan", "consumer_plan", "norm_problem", "layer_problem",
-    "crossing_hooks",
-]
+__all__ = ["Analysis", "NormCall", "Target", "Proposal", "norm_problem", "layer_problem", "crossing_hooks"]
 
 
 @dataclass(eq=False)
@@ -53,6 +49,10 @@ class Analysis:
     allow_hooks: bool = False
     global_hooks: list[str] = field(default_factory=list)
     complete: bool = True  #: the whole model is one graph
+    #: id(conv/linear subclass) -> [(part prefix, node name)]: the layer-function calls its own forward made
+    own_calls: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    own_nodes: set[int] = field(default_factory=set)  #: ids of those call nodes (in the parts' graphs)
+    own_forwards: dict[int, str | None] = field(default_factory=dict)  #: id(subclass) -> own_forward_problem
 
     def name_of(self, module: nn.Module) -> str:
         names = self.names.get(id(module))
@@ -106,18 +106,34 @@ Mode = Literal["into_producer", "into_consumer"]
 
 
 @dataclass(eq=False)
+class Target:
+    """A layer a fold changes, at one call site, and the part of the norm's channels it takes."""
+
+    layer: nn.Module
+    name: str  #: its qualified name
+    site: tuple[str, str]  #: its call (part prefix, node name): a call_module node, or its own forward's call
+    #: ``(start, stop)``: the norm channels this layer produces (one of several concatenated producers)
+    channels: tuple[int, int] | None = None
+    repeat: int = 1  #: into a Linear after a flatten: each norm channel is this many consecutive input features
+
+    @property
+    def how(self) -> tuple[tuple[int, int] | None, int]:
+        """What of the norm this target takes (two sites of a layer must take the same)."""
+        return self.channels, self.repeat
+
+
+@dataclass(eq=False)
 class Proposal:
-    """A fold the rules allow: ``mode`` into ``layer`` (called at ``layer_node``)."""
+    """A fold the rules allow: ``mode`` into ``targets`` (one layer, or the concatenated producers)."""
 
     mode: Mode
-    layer_node: fx.Node
-    layer: nn.Module
-    layer_name: str
+    targets: list[Target]
 
 
 def layer_problem(an: Analysis, layer: nn.Module, role: str) -> str | None:
     """Why ``layer`` (a conv/linear) cannot take a fold: opaque calls, hidden references, its weight
-    or bias read elsewhere."""
+    or bias read elsewhere (a subclass's own calls of the layer function read them: those count as
+    its calls, not as other readers)."""
     name = an.name_of(layer)
     why = why_opaque(layer, allow_hooks=an.allow_hooks)
     if why is not None:
@@ -125,10 +141,16 @@ def layer_problem(an: Analysis, layer: nn.Module, role: str) -> str | None:
     if id(layer) in an.hidden:
         return f"{role} {name} is also held outside the module tree ({', '.join(an.hidden[id(layer)][:3])})"
     for attr in ("weight", "bias"):
-        readers = an.reads.get((id(layer), attr))
+        readers = [r for r in an.reads.get((id(layer), attr), []) if not _own_read(an, r)]
         if readers:
             return f"the {attr} of {role} {name} is also read by {_readers(readers)}"
     return None
+
+
+def _own_read(an: Analysis, reader: Any) -> bool:
+    """A ``get_attr`` read only by a subclass's own layer-function calls (or for its shape)."""
+    return isinstance(reader, fx.Node) and bool(an.own_nodes) and all(
+        id(u) in an.own_nodes or is_metadata_query(u, reader) for u in reader.users)
 
 
 def _readers(readers: list[Any]) -> str:
@@ -185,93 +207,3 @@ def crossing_hooks(an: Analysis, prefix: str, first: fx.Node, second: fx.Node) -
             return (f"{an.name_of(module)} has hooks that would see different values once the fold moves work "
                     "across it (pass allow_hooks=True)")
     return None
-
-
-def _ranks_agree(gm: fx.GraphModule, value: fx.Node, norm_kind: str, layer_kind_: str) -> str | None:
-    """None when the norm's channel dim is the layer's channel dim at every rank ``value`` can have."""
-    norm_dims, layer_dims = channel_dims(norm_kind), channel_dims(layer_kind_)
-    rank = rank_of(gm, value)
-    ranks = [rank] if rank is not None else sorted(set(norm_dims) & set(layer_dims))
-    if rank is not None and (rank not in norm_dims or rank not in layer_dims):
-        return f"the tensor between them has rank {rank}, which {norm_kind} or {layer_kind_} does not take"
-    bad = [r for r in ranks if norm_dims[r] != layer_dims[r]]
-    if not ranks or bad:
-        if rank is None:
-            return (f"the rank of {value.name} is not known and at rank {bad[0] if bad else '?'} the {norm_kind} "
-                    f"channels are not the {layer_kind_} channels (pass example_inputs to record shapes)")
-        return f"at rank {rank} the {norm_kind} channels (dim {norm_dims[rank]}) are not the {layer_kind_} channels"
-    return None
-
-
-def _plain_layer(gm: fx.GraphModule, node: fx.Node, role: str, transposed_ok: bool) -> tuple[nn.Module, str] | str:
-    what = "conv/linear" if transposed_ok else "conv or linear"
-    if node.op != "call_module":
-        return f"{role} {describe(gm, node)} is not a {what}"
-    layer = gm.get_submodule(str(node.target))
-    kind = layer_kind(layer)
-    if kind is None or (not transposed_ok and kind.startswith("ConvTranspose")):
-        return f"{role} {describe(gm, node)} is not a {what}"
-    if not is_plain(layer):
-        return f"{role} {describe(gm, node)} overrides forward()"
-    return layer, kind
-
-
-def producer_plan(an: Analysis, call: NormCall, consts: BNConstants) -> Proposal | str:
-    """Fold into the conv/linear whose output the norm reads, or why not."""
-    source = call.input()
-    if source is None:
-        return "its input is not a graph value"
-    found = _plain_layer(call.gm, source, "producer", transposed_ok=True)
-    if isinstance(found, str):
-        return found
-    layer, kind = found
-    others = [u.name for u in value_users(source) if u is not call.node]
-    if others:
-        return f"{source.target} output also used by {', '.join(others)}"
-    out = layer.out_features if kind == "Linear" else layer.out_channels
-    if out != consts.num_features:
-        return f"producer {source.target} has {out} outputs, the norm {consts.num_features}"
-    why = (_ranks_agree(call.gm, source, call.rank_kind, kind) or layer_problem(an, layer, "producer")
-           or crossing_hooks(an, call.prefix, source, call.node))
-    if why is not None:
-        return why
-    return Proposal("into_producer", source, layer, an.name_of(layer))
-
-
-def _pads_with_zeros(layer: nn.Module) -> bool:
-    padding = getattr(layer, "padding", 0)
-    pads = any(p != 0 for p in padding) if isinstance(padding, tuple) else padding not in ("valid", 0)
-    return bool(pads) and getattr(layer, "padding_mode", "zeros") == "zeros"
-
-
-def consumer_plan(an: Analysis, call: NormCall, consts: BNConstants) -> Proposal | str:
-    """Fold into the conv/linear that alone reads the norm's output, or why not."""
-    users = value_users(call.node)  # shape queries move to the norm's input, which has the same shape
-    if len(users) != 1:
-        return f"its output has {len(users)} users"
-    user = users[0]
-    found = _plain_layer(call.gm, user, "consumer", transposed_ok=False)
-    if isinstance(found, str):
-        return found
-    layer, kind = found
-    if not user.args or user.args[0] is not call.node or len(user.args) > 1 or user.kwargs:
-        return f"consumer {user.target} is not called on the norm output alone"
-    width = layer.in_features if kind == "Linear" else layer.in_channels
-    if width != consts.num_features:
-        return f"consumer {user.target} has {width} inputs, the norm {consts.num_features}"
-    why = _ranks_agree(call.gm, call.node, call.rank_kind, kind)
-    if why is not None:
-        return why
-    if kind != "Linear" and _pads_with_zeros(layer):
-        shift_free = (consts.bias is None or not bool((consts.bias != 0).any())) and not bool(
-            (consts.running_mean != 0).any())
-        if not shift_free:
-            return (f"consumer {describe(call.gm, user)} pads with zeros (padding={layer.padding}): "
-                    "folding the norm's shift into it would change the border")
-    source = call.input()
-    writers = mutators(call.gm, source) if source is not None else []
-    if writers:
-        return (f"its input {source.name} may be written in place by {', '.join(w.name for w in writers[:3])} "  # type: ignore[union-attr]
-                "(after folding, the consumer would read the written values)")
-    why = layer_problem(an, layer, "consumer") or crossing_hooks(an, call.prefix, call.node, user)
-    return why or Proposal("into_consumer", user, layer, an.name_of(layer))

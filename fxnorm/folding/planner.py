@@ -39,13 +39,14 @@ import torch.nn as nn
 from ..graph.eager import eager_norms, eager_reason
 from ..graph.kinds import BN_KINDS, is_plain, known_base, layer_kind
 from ..graph.readers import why_opaque
-from ..graph.runtime import RunRecord, record_run
+from ..graph.runtime import METADATA_FUNCTIONS, RunRecord, record_run
 from ..graph.tracing import traced_report
 from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
 from .constants import BNConstants, bn_constants
 from .forwards import trace_own_forward
 from .observed import OBSERVED, observed_call, observed_fold
-from .plan import Analysis, NormCall, Proposal, consumer_plan, norm_problem, producer_plan
+from .neighbours import consumer_plan, producer_plan
+from .plan import Analysis, NormCall, Proposal, Target, norm_problem
 from .report import Evidence
 
 __all__ = ["Decision", "Plan", "plan_folds"]
@@ -57,14 +58,36 @@ class Decision:
     call: NormCall
     consts: BNConstants | None = None
     mode: Literal["into_producer", "into_consumer"] | None = None
-    layer: nn.Module | None = None
-    layer_name: str | None = None
-    site: tuple[str, str] | None = None  #: the layer call site it folds at (part prefix, node name)
+    #: the layers it folds into, each at one call site (several: the producers a concatenation joins)
+    targets: list[Target] = field(default_factory=list)
     reason: str | None = None
     evidence: Evidence | None = None
     #: when the simulation made this fold: a layer takes its folds in this order (bn -> bn -> conv must
     #: fold the norm next to the conv first)
     step: int = -1
+
+    @property
+    def layer(self) -> nn.Module | None:
+        """The (first) layer it folds into."""
+        return self.targets[0].layer if self.targets else None
+
+    @property
+    def layer_name(self) -> str | None:
+        """The qualified names of the layers it folds into (comma-separated)."""
+        return ", ".join(t.name for t in self.targets) if self.targets else None
+
+    @property
+    def site(self) -> tuple[str, str] | None:
+        """The call site of the (first) layer it folds into: (part prefix, node name)."""
+        return self.targets[0].site if self.targets else None
+
+    def take(self, mode: Literal["into_producer", "into_consumer"], targets: list[Target], step: int) -> None:
+        """Record a fold."""
+        self.mode, self.targets, self.reason, self.step = mode, list(targets), None, step
+
+    def drop(self, reason: str) -> None:
+        """Take a fold back: the norm stays, for ``reason``."""
+        self.mode, self.targets, self.consts, self.evidence, self.reason = None, [], None, None, reason
 
 
 @dataclass(eq=False)
@@ -96,11 +119,9 @@ def _simulate(an: Analysis, bans: dict[int, str], layer_bans: dict[tuple[int, in
             proposal = _propose(an, call, decision, bans, layer_bans)
             if proposal is None:
                 continue
-            decision.mode, decision.layer, decision.layer_name = proposal.mode, proposal.layer, proposal.layer_name
-            decision.site, decision.reason = (call.prefix, proposal.layer_node.name), None
-            decision.step, step = step, step + 1
-            source = call.input() if proposal.mode == "into_consumer" else proposal.layer_node
-            call.node.replace_all_uses_with(source)  # type: ignore[arg-type]
+            decision.take(proposal.mode, proposal.targets, step)
+            step += 1
+            call.node.replace_all_uses_with(call.input())  # type: ignore[arg-type]  # the norm is now the identity
             graphs[call.prefix].erase_node(call.node)
             changed = True
     return [decisions[id(c)] for c in calls]
@@ -124,7 +145,8 @@ def _propose(an: Analysis, call: NormCall, decision: Decision, bans: dict[int, s
     for rule in (producer_plan, consumer_plan):
         found = rule(an, call, consts)
         if isinstance(found, Proposal):
-            banned = layer_bans.get((id(found.layer), call.identity))
+            banned = next((layer_bans[key] for key in ((id(t.layer), call.identity) for t in found.targets)
+                           if key in layer_bans), None)
             if banned is None:
                 return found
             found = banned
@@ -151,12 +173,12 @@ def _identity_bans(decisions: list[Decision]) -> dict[int, str]:
 def _layer_bans(an: Analysis, decisions: list[Decision]) -> dict[tuple[int, int], str]:
     """A layer must take the same folds, in the same order, at every one of its call sites."""
     sites = layer_sites(an)
-    per_site: dict[int, dict[tuple[str, str], list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
+    per_site: dict[int, dict[tuple[str, str], list[tuple]]] = defaultdict(lambda: defaultdict(list))
     layers: dict[int, nn.Module] = {}
     for d in decisions:
-        if d.mode is not None and d.layer is not None and d.site is not None:
-            per_site[id(d.layer)][d.site].append((d.mode, d.call.identity))
-            layers[id(d.layer)] = d.layer
+        for t in d.targets if d.mode is not None else ():
+            per_site[id(t.layer)][t.site].append((d.mode, d.call.identity, t.how))
+            layers[id(t.layer)] = t.layer
     bans = {}
     for layer_id, folds in per_site.items():
         all_sites = sites.get(layer_id, [])
@@ -167,7 +189,7 @@ def _layer_bans(an: Analysis, decisions: list[Decision]) -> dict[tuple[int, int]
         why = (f"{name} is called at {len(all_sites)} sites that are not all followed (or preceded) by the same "
                "norm: folding into it would change its other calls")
         for fold_list in folds.values():
-            for _, identity in fold_list:
+            for _, identity, _ in fold_list:
                 bans[(layer_id, identity)] = why
     return bans
 
@@ -220,7 +242,7 @@ def _evidence_bans(an: Analysis, decisions: list[Decision], run: RunRecord | Non
             d.evidence = "unverified"
             continue
         why = None
-        for module in filter(None, (d.layer, d.call.module)):
+        for module in [*(t.layer for t in d.targets), *filter(None, [d.call.module])]:
             expected = sum(run.calls[id(an.roots[prefix])] for prefix, _ in sites.get(id(module), []))
             if run.calls[id(module)] != expected:
                 why = (f"{an.name_of(module)} is called {run.calls[id(module)]} time(s) on the example inputs but "
@@ -236,8 +258,8 @@ def _evidence_bans(an: Analysis, decisions: list[Decision], run: RunRecord | Non
 
 def _unexpected_reads(an: Analysis, d: Decision, run: RunRecord) -> str | None:
     checks: list[tuple[nn.Module | None, tuple, frozenset[str]]] = []
-    if d.layer is not None:
-        checks.append((d.layer, (getattr(d.layer, "weight"), getattr(d.layer, "bias")), _LAYER_FUNCTIONS))
+    for t in d.targets:
+        checks.append((t.layer, (getattr(t.layer, "weight"), getattr(t.layer, "bias")), _LAYER_FUNCTIONS))
     consts = d.consts
     if consts is not None:
         norm_owner = d.call.module if d.call.module is not None else d.call.owner
@@ -246,7 +268,7 @@ def _unexpected_reads(an: Analysis, d: Decision, run: RunRecord) -> str | None:
     for owner, tensors, functions in checks:
         for t in tensors:
             for function, scope in run.reads.get(id(t), []) if t is not None else []:
-                if function not in functions or scope is not owner:
+                if function not in METADATA_FUNCTIONS and (function not in functions or scope is not owner):
                     where = an.name_of(scope) if scope is not None else "the model's top level"
                     return f"a tensor of {an.name_of(owner) if owner is not None else 'the norm'} is also read by " \
                            f"{function}() in {where} on the example inputs"
@@ -294,7 +316,7 @@ def _observed(an: Analysis, traced: nn.Module, eager: list[tuple[str, nn.Module,
               run: RunRecord | None) -> list[Decision]:
     """Decisions for the norms no graph holds, from the recorded run (evidence "observed")."""
     out: list[Decision] = []
-    taken = {id(d.layer) for d in decisions if d.mode is not None}
+    taken = {id(t.layer) for d in decisions if d.mode is not None for t in d.targets}
     info = traced_report(traced)
     for name, module, kind in eager:
         call = observed_call(an, name, module, kind)
@@ -309,8 +331,8 @@ def _observed(an: Analysis, traced: nn.Module, eager: list[tuple[str, nn.Module,
             else:
                 layer, consts = found
                 taken.add(id(layer))
-                decision.mode, decision.layer, decision.layer_name = "into_producer", layer, an.name_of(layer)
-                decision.consts, decision.site, decision.evidence = consts, (OBSERVED, an.name_of(layer)), "observed"
-                decision.step = len(decisions) + len(out)
+                decision.take("into_producer", [Target(layer, an.name_of(layer), (OBSERVED, an.name_of(layer)))],
+                              len(decisions) + len(out))
+                decision.consts, decision.evidence = consts, "observed"
         out.append(decision)
     return out

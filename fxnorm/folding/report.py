@@ -18,7 +18,7 @@ from ..errors import FoldError, FxNormError
 from ..reports import Report
 from ..graph.tracing import UntracedPart
 
-__all__ = ["FoldMode", "MODES", "Evidence", "FoldedNorm", "SkippedNorm", "FoldReport"]
+__all__ = ["FoldMode", "MODES", "Evidence", "FoldedNorm", "SkippedNorm", "MergedBranches", "FoldReport"]
 
 #: How a norm left the model (:attr:`FoldedNorm.mode`).
 FoldMode = Literal["into_producer", "into_consumer", "affine", "norm_affine_into_consumer"]
@@ -54,6 +54,17 @@ class SkippedNorm:
 
 
 @dataclass
+class MergedBranches:
+    """A sum of parallel conv branches (``fold(..., merge_branches=True)``): merged into the conv
+    ``into`` (a child of ``block``), or not (``into`` empty) for ``reason``."""
+
+    block: str  #: qualified name of the module whose forward sums the branches ("<model>": the root)
+    branches: list[str]  #: the summands (child names, or the input's node name)
+    into: str  #: the branch conv that now holds the merged kernel ("" when not merged)
+    reason: str | None = None
+
+
+@dataclass
 class FoldReport(Report):
     """Everything :func:`fxnorm.fold` folded, skipped, and could not trace."""
 
@@ -65,10 +76,12 @@ class FoldReport(Report):
     untraced: list[UntracedPart] = field(default_factory=list)
     #: modules whose own forward was rewritten (a functional batch norm in their code folded away)
     forwards: list[str] = field(default_factory=list)
+    #: with ``merge_branches=True``: each sum of conv branches, merged or not (with the reason)
+    merged: list[MergedBranches] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``{"folded": [...], "skipped": [...], "untraced": [...], "forwards": [...],
-        "counts": {...}}``.
+        "merged": [...], "counts": {...}}``.
 
         Example:
             >>> FoldReport().to_dict()["counts"]
@@ -79,5 +92,6 @@ class FoldReport(Report):
             "skipped": [asdict(s) for s in self.skipped],
             "untraced": [asdict(u) for u in self.untraced],
             "forwards": list(self.forwards),
+            "merged": [asdict(m) for m in self.merged],
             "counts": {"folded": len(self.folded), "skipped": len(self.skipped), "untraced": len(self.untraced)},
         }

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import FxNormError
 
-__all__ = ["RunRecord", "record_run", "flatten_outputs", "relative_error"]
+__all__ = ["RunRecord", "record_run", "flatten_outputs", "relative_error", "METADATA_FUNCTIONS"]
 
 
 @dataclass
@@ -47,7 +47,8 @@ class RunRecord:
     output: Any = None  #: what the model returned
 
 
-_METADATA = frozenset({"__get__", "size", "dim", "numel", "shape", "dtype", "device", "ndim", "stride",
+#: torch functions (and properties) that read a tensor's metadata only, never its values
+METADATA_FUNCTIONS = frozenset({"__get__", "size", "dim", "numel", "shape", "dtype", "device", "ndim", "stride",
                        "is_contiguous", "element_size", "nelement", "ndimension", "get_device", "__len__"})
 
 
@@ -66,7 +67,7 @@ class _Reads(TorchFunctionMode):
                 if id(value) in self.watched:
                     self.record.reads[id(value)].append((name, scope))
                 held = self.outputs.get(id(value))
-                if held is not None and held[0] is value and name not in _METADATA:
+                if held is not None and held[0] is value and name not in METADATA_FUNCTIONS:
                     held[1].append((name, scope))
         return func(*args, **kwargs)
 

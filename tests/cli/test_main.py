@@ -71,6 +71,22 @@ FACTORIES = textwrap.dedent('''
         return _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Nothing()))
 
 
+    class RepBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.one = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+            self.id = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.dense(x) + self.one(x) + self.id(x))
+
+
+    def rep():
+        torch.manual_seed(2)
+        return _randomize(nn.Sequential(RepBlock(), RepBlock()))
+
+
     def broken():
         raise RuntimeError("no such checkpoint on this machine")
 
@@ -344,6 +360,21 @@ def test_fold_table_default_output_and_standalone(capsys: pytest.CaptureFixture,
     report = json.loads(out)
     assert {f["name"]: f["mode"] for f in report["fold"]["folded"]}["3"] == "affine"
     assert report["after"]["summary"]["total"] == 0 and report["check"]["passed"]
+
+
+def test_fold_merge_branches(capsys: pytest.CaptureFixture, factories: str, tmp_path: Path) -> None:
+    out_path = tmp_path / "rep.pt"
+    code, out, err = run(capsys, "fold", f"{factories}:rep", "-o", str(out_path), "--merge-branches", "--check",
+                         "--input-shape", "2,4,6,6", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [(m["block"], m["branches"], m["into"]) for m in report["fold"]["merged"]] == [
+        ("0", ["dense", "one", "id"], "dense"), ("1", ["dense", "one", "id"], "dense")]
+    assert report["check"]["passed"] and report["after"]["summary"]["total"] == 0
+    folded = torch.load(out_path, weights_only=False)
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2
+    code, out, _ = run(capsys, "fold", f"{factories}:rep", "-o", str(tmp_path / "rep2.pt"), "--merge-branches")
+    assert code == 0 and "merged 2 sum(s) of conv branches; 0 not merged" in out.splitlines()
 
 
 def test_fold_strict_and_failed_check_save_nothing(capsys: pytest.CaptureFixture, factories: str,

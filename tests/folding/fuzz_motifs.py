@@ -3,7 +3,7 @@ hypothesis, built from the places where folding tools go wrong.
 
 Every builder takes hypothesis's ``draw`` and returns ``(model, inputs, fold_kwargs)``: a float64
 model in eval mode (statistics randomized by the caller), inputs that run, and the arguments to pass
-to both ``find_norms`` and ``fold``.
+to both ``find_norms`` and ``fold`` (``merge_branches`` and ``standalone`` to ``fold`` only).
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ class Residual(nn.Module):
 
 
 class Concat(nn.Module):
-    """Two convs concatenated, then a norm over all channels (no exact fold into one producer)."""
+    """Two convs concatenated, then a norm over all channels (each producer takes its slice)."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -320,8 +320,202 @@ def stack(draw: Draw) -> tuple[nn.Module, tuple, dict]:
     return nn.Sequential(*blocks), (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
 
 
+class Concatenated(nn.Module):
+    """Producers joined by torch.cat, then a norm: along the channel dim or not, a producer read
+    again, one producer called twice, a producer that is not a layer."""
+
+    def __init__(self, parts: list[nn.Module], channels: int, dim: int, trap: str, dims: int) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.bn = BN[max(dims, 1)](channels) if dims else nn.BatchNorm1d(channels)
+        self.dim, self.trap = dim, trap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [part(x) for part in self.parts]
+        if self.trap == "twice":
+            outs.append(self.parts[0](x * 2))
+        y = self.bn(torch.cat(outs, dim=self.dim))
+        return y + outs[0].sum() if self.trap == "reread" else y
+
+
+def concat(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    dims = draw(st.sampled_from([0, 1, 2]))  # 0: Linear producers
+    cin = 2
+    widths = draw(st.lists(st.integers(1, 3), min_size=2, max_size=3))
+    parts: list[nn.Module] = []
+    for w in widths:
+        kind = draw(st.sampled_from(["layer", "layer", "transposed", "same", "relu"])) if dims else "layer"
+        if kind == "relu":
+            parts.append(nn.Sequential(CONV[dims](cin, w, 1), nn.ReLU()))
+        elif kind == "transposed":
+            parts.append(CONVT[dims](cin, w, 2, stride=2, padding=0, bias=draw(st.booleans())))
+        elif kind == "same" and dims == 2:
+            parts.append(SameConv(cin, w, 3, stride=2, bias=draw(st.booleans())))
+        else:
+            layer = nn.Linear(cin, w) if not dims else CONV[dims](cin, w, 3, padding=1, stride=2)
+            parts.append(layer)
+    trap = draw(st.sampled_from(["none", "none", "reread", "twice"]))
+    channels = sum(widths) + (widths[0] if trap == "twice" else 0)
+    dim = draw(st.sampled_from([1, 1, -1, 0]))
+    shape = (2, cin, *([6] * dims)) if dims else draw(st.sampled_from([(5, cin), (5, 3, cin)]))
+    model = Concatenated(parts, channels, dim, trap, dims)
+    x = torch.randn(*shape, dtype=torch.float64)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class SameConv(nn.Conv2d):
+    """TF "same" padding for a known input size, then an unpadded functional conv of its own weight."""
+
+    def __init__(self, *args: Any, size: int = 6, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        (k, _), (s, _) = self.kernel_size, self.stride
+        pad = max((-(-size // s) - 1) * s + k - size, 0)
+        self.pad = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class OwnForward(nn.Conv2d):
+    """A conv subclass whose forward computes its weight, reads it again, or calls the conv twice."""
+
+    def __init__(self, c: int, trap: str) -> None:
+        super().__init__(c, c, 3, padding=1, bias=trap != "no-bias")
+        self.trap = trap
+        self.register_buffer("mask", (torch.rand_like(self.weight) > 0.5).to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trap == "masked":
+            return F.conv2d(x, self.weight * self.mask, self.bias, padding=1)
+        if self.trap == "binary":
+            return F.conv2d(x, torch.sign(self.weight), self.bias, padding=1)
+        if self.trap == "reads":
+            return F.conv2d(x, self.weight, self.bias, padding=1) * self.weight.mean()
+        if self.trap == "twice":
+            return F.conv2d(F.conv2d(x, self.weight, None, padding=1), self.weight, self.bias, padding=1)
+        if self.trap == "bias-none":
+            return F.conv2d(x, self.weight, None, padding=1)
+        return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, padding=1)
+
+
+def own_layer(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = 3
+    if draw(st.booleans()):
+        layer: nn.Module = SameConv(c, c, 3, stride=draw(st.integers(1, 2)), bias=draw(st.booleans()))
+    else:
+        layer = OwnForward(c, draw(st.sampled_from(["pad", "no-bias", "masked", "binary", "reads", "twice",
+                                                    "bias-none"])))
+    model = Chain(layer, _norm(draw, 2, c), draw(st.sampled_from(["none", "relu"])),
+                  draw(st.sampled_from(["none", "none", "returned", "twice", "weight-read"])))
+    x = torch.randn(2, c, 6, 6, dtype=torch.float64)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class Head(nn.Module):
+    """norm -> pooling -> flatten -> Linear: a pooling that averages, counts padding, divides by an
+    override or takes maxima; a flatten that keeps or reorders the channels."""
+
+    def __init__(self, norm: nn.Module, pool: nn.Module, flatten: str, features: int) -> None:
+        super().__init__()
+        self.norm, self.pool, self.flatten = norm, pool, flatten
+        self.fc = nn.Linear(features, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.norm(x))
+        if self.flatten == "view":
+            y = y.view(y.size(0), -1)
+        elif self.flatten == "permute":
+            y = y.permute(0, 2, 3, 1).flatten(1)
+        elif self.flatten == "mean":
+            y = y.mean((2, 3))
+        else:
+            y = y.flatten(1)
+        return self.fc(y)
+
+
+def head(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = 3
+    pool = draw(st.sampled_from(["none", "adaptive", "adaptive2", "avg", "avg-pad", "avg-pad-nocount",
+                                 "avg-divisor", "max", "adaptive-max"]))
+    module = {"none": nn.Identity(), "adaptive": nn.AdaptiveAvgPool2d(1), "adaptive2": nn.AdaptiveAvgPool2d(2),
+              "avg": nn.AvgPool2d(2), "avg-pad": nn.AvgPool2d(3, 2, 1),
+              "avg-pad-nocount": nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+              "avg-divisor": nn.AvgPool2d(2, divisor_override=3), "max": nn.MaxPool2d(2),
+              "adaptive-max": nn.AdaptiveMaxPool2d(1)}[pool]
+    x = torch.randn(2, c, 6, 6, dtype=torch.float64)
+    flatten = draw(st.sampled_from(["flatten", "view", "permute", "mean"]))
+    with torch.no_grad():
+        features = int(module(x).flatten(1).shape[1]) if flatten != "mean" else c
+    if draw(st.booleans()):
+        norm: nn.Module = _norm(draw, 2, c)
+    else:  # signed scales: max pooling must refuse
+        norm = FunctionalNorm(c, "F", True)
+        with torch.no_grad():
+            norm.w.copy_(torch.randn(c, dtype=torch.float64))  # type: ignore[union-attr]
+    model = Head(norm, module, flatten, features)
+    return model, (x,), {"example_inputs": (x,)} if draw(st.booleans()) else {}
+
+
+class Branches(nn.Module):
+    """Parallel conv(-norm) branches of one input summed (RepVGG-style), for merge_branches=True: kernel
+    sizes, paddings, dilations, strides and groups drawn; an identity branch or not; traps between the
+    input and the sum."""
+
+    def __init__(self, convs: list[nn.Module], identity: nn.Module | None, trap: str) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.identity, self.trap = identity, trap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [conv(x * 2 if self.trap == "inputs" and i == 1 else x) for i, conv in enumerate(self.convs)]
+        if self.trap == "relu":
+            outs[-1] = torch.relu(outs[-1])
+        y = outs[0]
+        for out in outs[1:]:
+            y = y + out
+        if self.identity is not None:
+            y = y + self.identity(x)
+        elif self.trap == "input":
+            y = y + x
+        if self.trap == "iadd":
+            x += y
+            return x
+        return y * 2 + outs[0].mean() if self.trap == "reread" else torch.relu(y)
+
+
+def branches(draw: Draw) -> tuple[nn.Module, tuple, dict]:
+    c = 4
+    out = draw(st.sampled_from([4, 4, 8]))
+    stride, groups = draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 2]))
+    convs: list[nn.Module] = []
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 3, 3, 5]))
+        dilation = draw(st.sampled_from([1] * 5 + [2]))
+        mode = draw(st.sampled_from(["zeros"] * 5 + ["reflect"])) if k > 1 else "zeros"
+        conv = nn.Conv2d(c, out, k, stride, k // 2 * dilation, dilation=dilation, groups=groups,
+                         bias=draw(st.booleans()), padding_mode=mode)
+        norm = nn.BatchNorm2d(out) if draw(st.sampled_from([True, True, False])) else _norm(draw, 2, out)
+        convs.append(nn.Sequential(conv, norm) if draw(st.sampled_from([True, True, False])) else conv)
+    if draw(st.sampled_from([False] * 5 + [True])) and len(convs) > 1:
+        convs[1] = convs[0]  # one branch module registered and called twice
+    identity = draw(st.sampled_from(["none", "bn", "bn", "module", "input", "other"]))
+    if out != c or stride != 1:
+        identity = draw(st.sampled_from(["none"] * 9 + ["bn"]))  # an identity branch would not run: rarely drawn
+    trap = draw(st.sampled_from(["none"] * 6 + ["relu", "reread", "inputs", "iadd", "input", "hook"]))
+    module = {"bn": nn.BatchNorm2d(c), "other": _norm(draw, 2, c), "module": nn.Identity()}.get(identity)
+    if trap == "hook":
+        convs[-1].register_forward_hook(lambda m, i, o: None)
+    model = Branches(convs, module, trap if identity != "input" else "input")
+    x = torch.randn(2, c, 7, 7, dtype=torch.float64)
+    kwargs: dict = {"merge_branches": True, "standalone": draw(st.sampled_from(["keep", "affine"]))}
+    if draw(st.booleans()):
+        kwargs["example_inputs"] = (x,)
+    return model, (x,), kwargs
+
+
 #: Every motif, by name.
 MOTIFS: dict[str, Callable[[Draw], tuple[nn.Module, tuple, dict]]] = {
     "conv_norm": conv_norm, "norm_layer": norm_layer, "reshaped": reshaped, "shared": shared, "hooked": hooked,
-    "glue": glue, "stack": stack,
+    "glue": glue, "stack": stack, "concat": concat, "own_layer": own_layer, "head": head,
+    "branches": branches,
 }

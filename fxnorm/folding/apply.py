@@ -198,7 +198,7 @@ def fold(
     shared: dict[int, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
         work = _work_copy(model, inplace, shared)
-        traced = trace(work, leaf_modules=leaf_modules)
+        traced = trace(work, leaf_modules=leaf_modules, lazy=True)  # analysis only
         if inputs is not None:
             try:
                 record_shapes(traced, inputs)

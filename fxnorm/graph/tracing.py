@@ -37,6 +37,11 @@ from .eager import EAGER_READS, watch_eager_reads
 from .readers import augmented_assignment
 from .kinds import is_plain, known_base
 
+try:  # torch >= 2.3: a GraphModule that generates its Python code on first use
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _LazyGM
+except ImportError:  # pragma: no cover
+    _LazyGM = fx.GraphModule  # type: ignore[misc, assignment]
+
 __all__ = [
     "LeafSpec", "LeafModules", "NormTracer", "UntracedPart", "TraceReport", "trace", "traced_report", "is_traced",
     "graph_parts",
@@ -174,7 +179,8 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"[:300]
 
 
-def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any) -> fx.GraphModule:
+def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any,
+                  lazy: bool = False) -> fx.GraphModule:
     # Tracing runs the module's Python code on proxies, and some modules cache what they compute
     # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
     # back afterwards so that neither the user's model nor the graph keeps a proxy.
@@ -188,7 +194,7 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             tracer.hooked = hooked
             graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
-        gm = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm = (_LazyGM if lazy else fx.GraphModule)(tracer.root, graph, module.__class__.__name__)
         gm.meta[EAGER_READS] = dict(reads)
         return gm
     finally:
@@ -266,11 +272,12 @@ def _trace_tree(
     leaf_modules: tuple,
     concrete_args: Any,
     inplace: bool,
+    lazy: bool,
 ) -> nn.Module:
     is_leaf = known_base(module) is not None and is_plain(module)
     if not _is_container(module) and not is_leaf and not isinstance(module, fx.GraphModule):
         try:
-            gm = _trace_module(module, name, leaf_modules, concrete_args)
+            gm = _trace_module(module, name, leaf_modules, concrete_args, lazy)
         except Exception as err:  # any tracer failure means "trace the children instead"
             report.untraced.append(UntracedPart(name, type(module).__name__, _one_line(err)))
         else:
@@ -285,7 +292,7 @@ def _trace_tree(
     new = module if inplace else _shallow_copy(module)
     for child_name, child in module.named_children():
         full = f"{name}.{child_name}" if name else child_name
-        traced = _trace_tree(child, full, report, leaf_modules, None, inplace)
+        traced = _trace_tree(child, full, report, leaf_modules, None, inplace, lazy)
         if traced is not child:
             new._modules[child_name] = traced
     return new
@@ -297,6 +304,7 @@ def trace(
     leaf_modules: LeafModules = (),
     concrete_args: dict[str, Any] | None = None,
     inplace: bool = False,
+    lazy: bool = False,
 ) -> nn.Module:
     """Trace ``model`` into a ``GraphModule``, or part by part when it does not trace as a whole.
 
@@ -307,6 +315,9 @@ def trace(
         inplace: replace the children of ``model`` itself. By default the untraced glue modules are
             shallow copies, and ``model`` is left as it was. Like ``torch.fx.symbolic_trace``, the
             result shares parameters and buffers with ``model``.
+        lazy: build each ``GraphModule`` without generating its Python code, which is generated
+            the first time it is called or its ``code`` is read (torch's ``_LazyGraphModule``):
+            faster for passes that only read the graphs.
 
     Returns:
         A ``GraphModule`` when the whole model traced; otherwise a module of the model's own type
@@ -328,7 +339,7 @@ def trace(
         raise TraceError(f"{type(model).__name__} is TorchScript (torch.jit.script/trace): fxnorm reads Python "
                          "modules; pass the nn.Module it was made from")
     report = TraceReport()
-    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace)
+    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace, lazy)
     record_report(result, report)
     return result
 

@@ -33,14 +33,10 @@ import torch.nn as nn
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
+from .fastfx import LazyGraphModule, autowrapped, can_autowrap
 from .eager import EAGER_READS, watch_eager_reads
 from .readers import augmented_assignment
 from .kinds import is_plain, known_base
-
-try:  # torch >= 2.3: a GraphModule that generates its Python code on first use
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _LazyGM
-except ImportError:  # pragma: no cover
-    _LazyGM = fx.GraphModule  # type: ignore[misc, assignment]
 
 __all__ = [
     "LeafSpec", "LeafModules", "NormTracer", "UntracedPart", "TraceReport", "trace", "traced_report", "is_traced",
@@ -141,9 +137,18 @@ class NormTracer(fx.Tracer):
             self._stack.pop()
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """``fx.Tracer.trace``, with a norm subclass root's input-rank check silenced too."""
-        with _silenced_rank_check(root if isinstance(root, nn.Module) else None):
-            return super().trace(root, concrete_args)
+        """``fx.Tracer.trace``, with a norm subclass root's input-rank check silenced too (and the
+        ``math`` functions wrapped by :func:`fxnorm.graph.fastfx.autowrapped`, same graphs)."""
+        search = self._autowrap_search if can_autowrap(self) else None  # else torch wraps them itself
+        if search is not None:
+            self._autowrap_search = []
+        try:
+            with _silenced_rank_check(root if isinstance(root, nn.Module) else None), \
+                    autowrapped(search or [], getattr(self, "_autowrap_function_ids", set())):
+                return super().trace(root, concrete_args)
+        finally:
+            if search is not None:
+                self._autowrap_search = search
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -194,7 +199,7 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             tracer.hooked = hooked
             graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
-        gm = (_LazyGM if lazy else fx.GraphModule)(tracer.root, graph, module.__class__.__name__)
+        gm = (LazyGraphModule if lazy else fx.GraphModule)(tracer.root, graph, module.__class__.__name__)
         gm.meta[EAGER_READS] = dict(reads)
         return gm
     finally:

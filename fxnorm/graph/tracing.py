@@ -322,7 +322,7 @@ def trace(
             result shares parameters and buffers with ``model``.
         lazy: build each ``GraphModule`` without generating its Python code, which is generated
             the first time it is called or its ``code`` is read (torch's ``_LazyGraphModule``):
-            faster for passes that only read the graphs.
+            faster for passes that only read the graphs. Its first call runs its hooks twice.
 
     Returns:
         A ``GraphModule`` when the whole model traced; otherwise a module of the model's own type

@@ -121,9 +121,12 @@ def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:
     conv/linear subclass traced through, the layer-function calls its own forward made."""
     sites: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for prefix, gm in an.parts:
+        modules = dict(gm.named_modules(remove_duplicate=False))  # faster than get_submodule per node
         for node in gm.graph.nodes:
             if node.op == "call_module":
-                sites[id(gm.get_submodule(str(node.target)))].append((prefix, node.name))
+                module = modules.get(str(node.target))
+                module = gm.get_submodule(str(node.target)) if module is None else module
+                sites[id(module)].append((prefix, node.name))
     for module_id, calls in an.own_calls.items():
         sites[module_id].extend(calls)
     return dict(sites)

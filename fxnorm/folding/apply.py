@@ -198,7 +198,9 @@ def fold(
     shared: dict[int, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
         work = _work_copy(model, inplace, shared)
-        traced = trace(work, leaf_modules=leaf_modules)
+        # Without inputs the traced parts are only read: no Python code needed. With inputs they run
+        # (record_shapes), and a lazy part's first call goes through its hooks twice: not lazy then.
+        traced = trace(work, leaf_modules=leaf_modules, lazy=inputs is None)
         if inputs is not None:
             try:
                 record_shapes(traced, inputs)

@@ -170,9 +170,10 @@ def _identity_bans(decisions: list[Decision]) -> dict[int, str]:
     return bans
 
 
-def _layer_bans(an: Analysis, decisions: list[Decision]) -> dict[tuple[int, int], str]:
-    """A layer must take the same folds, in the same order, at every one of its call sites."""
-    sites = layer_sites(an)
+def _layer_bans(an: Analysis, decisions: list[Decision], sites: dict[int, list[tuple[str, str]]]
+                ) -> dict[tuple[int, int], str]:
+    """A layer must take the same folds, in the same order, at every one of its call sites (``sites``:
+    :func:`~fxnorm.folding.analysis.layer_sites`)."""
     per_site: dict[int, dict[tuple[str, str], list[tuple]]] = defaultdict(lambda: defaultdict(list))
     layers: dict[int, nn.Module] = {}
     for d in decisions:
@@ -226,7 +227,8 @@ _LAYER_FUNCTIONS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", 
 _NORM_FUNCTIONS = frozenset({"batch_norm", "instance_norm"})
 
 
-def _evidence_bans(an: Analysis, decisions: list[Decision], run: RunRecord | None) -> dict[int, str]:
+def _evidence_bans(an: Analysis, decisions: list[Decision], run: RunRecord | None,
+                   sites: dict[int, list[tuple[str, str]]]) -> dict[int, str]:
     """Part-by-part traces: the real run must call and read what a fold changes only where the graphs
     say (no caller or reader in eager code)."""
     bans: dict[int, str] = {}
@@ -234,7 +236,6 @@ def _evidence_bans(an: Analysis, decisions: list[Decision], run: RunRecord | Non
         for d in decisions:
             d.evidence = "proven" if d.mode is not None else None
         return bans
-    sites = layer_sites(an)
     for d in decisions:
         if d.mode is None:
             continue
@@ -292,12 +293,13 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
         run = record_run(model, example_inputs, watched=watched, producers=layers, norms=[m for _, m, _ in eager])
     bans: dict[int, str] = {}
     layer_bans: dict[tuple[int, int], str] = {}
+    sites = layer_sites(an)  # the parts' graphs do not change while planning
     while True:
         decisions = _simulate(an, bans, layer_bans)
         new_bans = {**_identity_bans(decisions), **_owner_bans(an, plan, decisions)}
-        new_layer_bans = _layer_bans(an, decisions)
+        new_layer_bans = _layer_bans(an, decisions, sites)
         if not new_bans and not new_layer_bans:
-            new_bans = _evidence_bans(an, decisions, run)
+            new_bans = _evidence_bans(an, decisions, run, sites)
         new_bans = {k: v for k, v in new_bans.items() if k not in bans}
         new_layer_bans = {k: v for k, v in new_layer_bans.items() if k not in layer_bans}
         if not new_bans and not new_layer_bans:

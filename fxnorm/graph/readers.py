@@ -241,6 +241,9 @@ def _referenced_modules(value: Any, depth: int = 0) -> list[nn.Module]:
     return []
 
 
+_SCALARS = frozenset({bool, int, float, str, type(None)})
+
+
 def hidden_references(model: nn.Module) -> dict[int, list[str]]:
     """Modules of ``model`` that are also held outside the module tree — in a plain attribute, a list,
     a dict, a tuple, a bound method or a ``functools.partial`` of some module — by ``id``, with where.
@@ -259,6 +262,8 @@ def hidden_references(model: nn.Module) -> dict[int, list[str]]:
     found: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         for key, value in module.__dict__.items():
+            if type(value) in _SCALARS:
+                continue  # holds no module (most of a module's attributes)
             if key in ("_modules", "_parameters", "_buffers", "forward") or key.startswith("_forward_") \
                     or key.startswith("_backward_") or key.startswith("_state_dict") or key.startswith("_load_"):
                 continue

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
+from .fastfx import LazyGraphModule, autowrapped, can_autowrap
 from .eager import EAGER_READS, watch_eager_reads
 from .readers import augmented_assignment
 from .kinds import is_plain, known_base
@@ -136,9 +137,18 @@ class NormTracer(fx.Tracer):
             self._stack.pop()
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """``fx.Tracer.trace``, with a norm subclass root's input-rank check silenced too."""
-        with _silenced_rank_check(root if isinstance(root, nn.Module) else None):
-            return super().trace(root, concrete_args)
+        """``fx.Tracer.trace``, with a norm subclass root's input-rank check silenced too (and the
+        ``math`` functions wrapped by :func:`fxnorm.graph.fastfx.autowrapped`, same graphs)."""
+        search = self._autowrap_search if can_autowrap(self) else None  # else torch wraps them itself
+        if search is not None:
+            self._autowrap_search = []
+        try:
+            with _silenced_rank_check(root if isinstance(root, nn.Module) else None), \
+                    autowrapped(search or [], getattr(self, "_autowrap_function_ids", set())):
+                return super().trace(root, concrete_args)
+        finally:
+            if search is not None:
+                self._autowrap_search = search
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -174,7 +184,8 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"[:300]
 
 
-def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any) -> fx.GraphModule:
+def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any,
+                  lazy: bool = False) -> fx.GraphModule:
     # Tracing runs the module's Python code on proxies, and some modules cache what they compute
     # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
     # back afterwards so that neither the user's model nor the graph keeps a proxy.
@@ -188,7 +199,7 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             tracer.hooked = hooked
             graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
-        gm = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+        gm = (LazyGraphModule if lazy else fx.GraphModule)(tracer.root, graph, module.__class__.__name__)
         gm.meta[EAGER_READS] = dict(reads)
         return gm
     finally:
@@ -266,11 +277,12 @@ def _trace_tree(
     leaf_modules: tuple,
     concrete_args: Any,
     inplace: bool,
+    lazy: bool,
 ) -> nn.Module:
     is_leaf = known_base(module) is not None and is_plain(module)
     if not _is_container(module) and not is_leaf and not isinstance(module, fx.GraphModule):
         try:
-            gm = _trace_module(module, name, leaf_modules, concrete_args)
+            gm = _trace_module(module, name, leaf_modules, concrete_args, lazy)
         except Exception as err:  # any tracer failure means "trace the children instead"
             report.untraced.append(UntracedPart(name, type(module).__name__, _one_line(err)))
         else:
@@ -285,7 +297,7 @@ def _trace_tree(
     new = module if inplace else _shallow_copy(module)
     for child_name, child in module.named_children():
         full = f"{name}.{child_name}" if name else child_name
-        traced = _trace_tree(child, full, report, leaf_modules, None, inplace)
+        traced = _trace_tree(child, full, report, leaf_modules, None, inplace, lazy)
         if traced is not child:
             new._modules[child_name] = traced
     return new
@@ -297,6 +309,7 @@ def trace(
     leaf_modules: LeafModules = (),
     concrete_args: dict[str, Any] | None = None,
     inplace: bool = False,
+    lazy: bool = False,
 ) -> nn.Module:
     """Trace ``model`` into a ``GraphModule``, or part by part when it does not trace as a whole.
 
@@ -307,6 +320,9 @@ def trace(
         inplace: replace the children of ``model`` itself. By default the untraced glue modules are
             shallow copies, and ``model`` is left as it was. Like ``torch.fx.symbolic_trace``, the
             result shares parameters and buffers with ``model``.
+        lazy: build each ``GraphModule`` without generating its Python code, which is generated
+            the first time it is called or its ``code`` is read (torch's ``_LazyGraphModule``):
+            faster for passes that only read the graphs. Its first call runs its hooks twice.
 
     Returns:
         A ``GraphModule`` when the whole model traced; otherwise a module of the model's own type
@@ -328,7 +344,7 @@ def trace(
         raise TraceError(f"{type(model).__name__} is TorchScript (torch.jit.script/trace): fxnorm reads Python "
                          "modules; pass the nn.Module it was made from")
     report = TraceReport()
-    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace)
+    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace, lazy)
     record_report(result, report)
     return result
 

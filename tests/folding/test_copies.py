@@ -1,0 +1,98 @@
+"""fxnorm.folding.copies: the fold's work copy is what copy.deepcopy makes, conv/linear tensors aside."""
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from fxnorm.folding.copies import copy_sharing_layers, unshare
+
+
+class _OwnDeepcopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.copies = 0
+
+    def __deepcopy__(self, memo):
+        new = _OwnDeepcopy()
+        new.copies = self.copies + 1
+        return new
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+        self.tied = nn.Conv2d(2, 2, 1)
+        self.tied.weight = self.conv.weight
+        self.again = self.bn  # the same module under two names
+        self.held = [self.bn, {"c": self.conv}]  # and outside the module tree
+        self.own = _OwnDeepcopy()
+        self.table = OrderedDict(a=1)
+        self.empty: OrderedDict = OrderedDict()
+        self.bn.register_forward_hook(lambda m, i, o: None)
+
+
+def _shape(m: nn.Module, root: nn.Module) -> list:
+    """Everything about a module tree but object identities: types, attribute names and values
+    (modules and tensors by the path/structure they have inside ``root``)."""
+    paths = {id(x): n for n, x in root.named_modules(remove_duplicate=False)}
+    out = []
+    for name, module in m.named_modules(remove_duplicate=False):
+        out.append((name, type(module), list(module.__dict__)))
+        for key, value in module.__dict__.items():
+            if isinstance(value, (bool, int, float, str, type(None))):
+                out.append((name, key, value))
+            elif isinstance(value, dict):
+                out.append((name, key, type(value), len(value)))
+    for key, t in m.state_dict(keep_vars=True).items():
+        out.append((key, type(t), t.dtype, tuple(t.shape), t.requires_grad, t.detach().clone()))
+    out.append([paths.get(id(x)) for x in root.held[:1]] if hasattr(root, "held") else None)
+    return out
+
+
+def _equal(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and x and isinstance(x[-1], torch.Tensor):
+            if x[:-1] != y[:-1] or not torch.equal(x[-1], y[-1]):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _check_like_deepcopy(model: nn.Module) -> None:
+    shared: dict = {}
+    ours = copy_sharing_layers(model, shared)
+    theirs = copy.deepcopy(model)
+    assert _equal(_shape(ours, ours), _shape(theirs, theirs))
+    ours_ids = {id(x) for x in ours.modules()} | {id(t) for t in ours.state_dict(keep_vars=True).values()}
+    model_ids = {id(x) for x in model.modules()} | {id(t) for t in model.state_dict(keep_vars=True).values()}
+    assert ours_ids & model_ids == set(shared) & ours_ids  # only conv/linear tensors are shared
+    unshare(ours, shared)
+    ours_ids = {id(x) for x in ours.modules()} | {id(t) for t in ours.state_dict(keep_vars=True).values()}
+    assert not ours_ids & model_ids
+
+
+def test_structure_sharing_and_ties_like_deepcopy():
+    model = _Model()
+    ours = copy_sharing_layers(model, {})
+    assert ours.again is ours.bn and ours.held[0] is ours.bn and ours.held[1]["c"] is ours.conv
+    assert ours.tied.weight is ours.conv.weight
+    assert ours.own.copies == 1  # its own __deepcopy__ ran
+    assert list(ours.bn._forward_hooks) == list(model.bn._forward_hooks)
+    assert ours.empty is not model.empty and ours.table == model.table and ours.table is not model.table
+    assert ours.bn._forward_pre_hooks is not model.bn._forward_pre_hooks
+    _check_like_deepcopy(model)
+
+
+def test_detection_model_like_deepcopy():
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).eval()
+    _check_like_deepcopy(model)

@@ -1,0 +1,59 @@
+"""fxnorm.graph.fastfx: the math wrappers made once give torch's graphs, and leave math as it was."""
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxnorm.graph.fastfx import LazyGraphModule, autowrapped, can_autowrap
+from fxnorm.graph.tracing import NormTracer, trace
+
+
+class _MathUser(nn.Module):
+    def forward(self, x):
+        return x * math.sqrt(x.size(1)) + math.floor(x.sum())
+
+
+class _Fails(nn.Module):
+    def forward(self, x):
+        math.sqrt(2.0)
+        if x.sum() > 0:  # data-dependent: the trace fails
+            return x
+        return -x
+
+
+def test_math_calls_recorded_as_torch_records_them():
+    sqrt, floor = math.sqrt, math.floor
+    ours = NormTracer().trace(_MathUser())
+    torchs = fx.Tracer().trace(_MathUser())
+    assert ours.python_code("self").src == torchs.python_code("self").src
+    assert [n.target for n in ours.nodes if n.op == "call_function"][:1] == [sqrt]
+    assert math.sqrt is sqrt and math.floor is floor
+
+
+def test_math_restored_after_a_failed_trace():
+    sqrt = math.sqrt
+    tracer = NormTracer()
+    assert can_autowrap(tracer)
+    with pytest.raises(Exception):
+        tracer.trace(_Fails())
+    assert math.sqrt is sqrt
+    assert tracer._autowrap_search == [math]  # the tracer is left as torch made it
+
+
+def test_autowrapped_outside_a_trace_calls_the_function():
+    sqrt = math.sqrt
+    with autowrapped([math], {id(sqrt)}):
+        assert math.sqrt is not sqrt and math.sqrt(9.0) == 3.0
+    assert math.sqrt is sqrt
+
+
+def test_lazy_trace_runs_and_reads_code_like_the_eager_one():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    lazy, eager = trace(model, lazy=True), trace(model)
+    assert isinstance(lazy, LazyGraphModule) and isinstance(lazy, fx.GraphModule)
+    x = torch.randn(2, 4)
+    assert torch.equal(lazy(x), eager(x))
+    assert lazy.code == eager.code

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["rel_err", "flatten_outputs", "randomize_norms", "float64_moments", "one_thread", "model_snapshot",
-           "assert_model_unchanged", "capture_norm_inputs", "STAT_BUFFERS"]
+           "assert_model_unchanged", "capture_norm_inputs", "STAT_BUFFERS", "fold_exactly"]
 
 
 @contextlib.contextmanager
@@ -266,3 +266,20 @@ def capture_norm_inputs(model: nn.Module, names: Sequence[str] | None = None) ->
     finally:
         for h in handles:
             h.remove()
+
+
+def fold_exactly(model: nn.Module, x: torch.Tensor) -> Any:
+    """Fold ``model`` (float64, eval) with ``example_inputs=(x,)``: the output matches to < 1e-9
+    relative and ``find_norms`` predicted every fold; the :class:`~fxnorm.FoldReport`."""
+    from fxnorm import FoldReport, find_norms, fold, report_of
+
+    x = x.double()
+    with torch.no_grad():
+        ref = model(x)
+        predicted = {s.name: (s.fold, s.fold_into) for s in find_norms(model, example_inputs=(x,)) if s.fold}
+        folded = fold(model, example_inputs=(x,))
+        err = rel_err(folded(x), ref)
+    assert err < 1e-9, f"relative error {err}"
+    report = report_of(folded, FoldReport)
+    assert predicted == {f.name: (f.mode, f.into) for f in report.folded}
+    return report

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from helpers import randomize_norms, rel_err
+from helpers import fold_exactly, randomize_norms
 
-from fxnorm import FoldReport, find_norms, fold, report_of
+from fxnorm import FoldReport, find_norms, fold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,16 +22,7 @@ def folded_report(model: nn.Module, x: torch.Tensor, negative: bool = False) -> 
     if negative:
         with torch.no_grad():
             model.bn.weight[0] = -0.7
-    x = x.double()
-    with torch.no_grad():
-        ref = model(x)
-        predicted = {s.name: (s.fold, s.fold_into) for s in find_norms(model, example_inputs=(x,)) if s.fold}
-        folded = fold(model, example_inputs=(x,))
-        err = rel_err(folded(x), ref)
-    assert err < 1e-9, f"relative error {err}"
-    report = report_of(folded, FoldReport)
-    assert predicted == {f.name: (f.mode, f.into) for f in report.folded}
-    return report
+    return fold_exactly(model, x)
 
 
 class Head(nn.Module):

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import randomize_norms, rel_err
+from helpers import fold_exactly, randomize_norms
 
-from fxnorm import FoldReport, find_norms, fold, report_of
+from fxnorm import FoldReport, fold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,16 +69,7 @@ class ScaledLinear(nn.Linear):
 
 def folded_report(model: nn.Module, x: torch.Tensor) -> FoldReport:
     model = randomize_norms(model, seed=11).double().eval()
-    x = x.double()
-    with torch.no_grad():
-        ref = model(x)
-        predicted = {s.name: (s.fold, s.fold_into) for s in find_norms(model, example_inputs=(x,)) if s.fold}
-        folded = fold(model, example_inputs=(x,))
-        err = rel_err(folded(x), ref)
-    assert err < 1e-9, f"relative error {err}"
-    report = report_of(folded, FoldReport)
-    assert predicted == {f.name: (f.mode, f.into) for f in report.folded}
-    return report
+    return fold_exactly(model, x)
 
 
 @pytest.mark.parametrize("bias", [True, False])

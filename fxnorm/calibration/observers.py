@@ -214,6 +214,17 @@ def _reached(target: NormTarget, tally: Tally) -> None:
     target.calls += 1
 
 
+def _pool(target: NormTarget, tally: Tally, input: Tensor) -> None:
+    """Pool every element of ``input`` into the target's exact moments (one update); errors name the
+    batch and the norm."""
+    try:
+        target.moments.update(input)
+    except CalibrationError as err:
+        kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
+        raise kind(f"batch {tally.batch}: norm '{target.label}': {err}") from None
+    target.updates += 1
+
+
 def observe_batch_norm(target: NormTarget, tally: Tally, input: Tensor, weight: Tensor | None,
                        bias: Tensor | None, eps: float) -> Tensor:
     """Answer a ``batch_norm`` call of ``target``: normalize ``input`` (N, C, ...) with its own batch
@@ -234,12 +245,7 @@ def observe_batch_norm(target: NormTarget, tally: Tally, input: Tensor, weight: 
     n = input.numel() // channels if input.dim() >= 2 else 0
     if n <= 1:  # one value per channel: training mode cannot normalize it
         if n == 1 and target.pool_single and input.dim() >= 2:
-            try:
-                target.moments.update(input)
-            except CalibrationError as err:
-                kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
-                raise kind(f"batch {tally.batch}: norm '{target.label}': {err}") from None
-            target.updates += 1
+            _pool(target, tally, input)
         else:
             target.skipped += 1
         return F.batch_norm(input, target.running_mean, target.running_var, weight, bias, False, 0.0, eps)
@@ -276,10 +282,5 @@ def observe_instance_norm(target: NormTarget, tally: Tally, input: Tensor, weigh
     if input.dim() < 3 or math.prod(input.shape[2:]) <= 1:  # one value per instance and channel
         target.skipped += 1
         return F.instance_norm(input, target.running_mean, target.running_var, weight, bias, False, 0.0, eps)
-    try:
-        target.moments.update(input)
-    except CalibrationError as err:
-        kind = NonFiniteStatistics if "NaN/Inf" in str(err) else CalibrationError
-        raise kind(f"batch {tally.batch}: norm '{target.label}': {err}") from None
-    target.updates += 1
+    _pool(target, tally, input)
     return F.instance_norm(input, None, None, weight, bias, True, 0.0, eps)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..graph.calls import node_norm_kind, scope_name
 from ..graph.kinds import BN_KINDS
-from ..graph.readers import global_hooks, hidden_references, module_names
+from ..graph.readers import attribute_reads, global_hooks, hidden_references, module_names
 from ..graph.eager import EAGER_READS
 from ..graph.calls import qualified_name
 from ..graph.tracing import graph_parts, traced_report
@@ -42,16 +42,8 @@ def _reads(model: nn.Module, parts: list[tuple[str, fx.GraphModule]],
             if t is not None:
                 owners[id(t)].append((id(module), attr))
     for prefix, gm in parts:
-        root = roots[prefix]
-        for node in gm.graph.nodes:
-            if node.op != "get_attr":
-                continue
-            path, _, attr = str(node.target).rpartition(".")
-            try:
-                owner = root.get_submodule(path) if path else root
-            except AttributeError:
-                continue
-            reads[(id(owner), attr)].append(node)
+        for key, nodes in attribute_reads([(prefix, gm)], roots).items():
+            reads[key].extend(nodes)
         for tensor_id, functions in gm.meta.get(EAGER_READS, {}).items():
             for key in owners.get(tensor_id, ()):
                 reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")

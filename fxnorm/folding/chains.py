@@ -34,11 +34,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.kinds import target_in
 from ..graph.readers import value_users
 from ..graph.shapes import rank_of
 
 __all__ = ["FLAT", "Step", "op_call", "dim_of", "view_sizes", "bound_args", "rearranging", "producer_path",
-           "single_users", "follow_to_norm", "is_cat", "cat_inputs", "hashable"]
+           "single_users", "follow_to_norm", "is_cat", "cat_inputs"]
 
 #: the state "channel = row-major index modulo C"
 FLAT = "flat"
@@ -49,7 +50,7 @@ Step = Union[State, str, None]
 
 _METHODS = {"flatten", "unflatten", "view", "reshape", "view_as", "reshape_as", "contiguous", "squeeze", "unsqueeze",
             "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
-_FUNCTIONS = {torch.flatten: "flatten", torch.unflatten: "unflatten", torch.reshape: "reshape",
+_FUNCTIONS: dict[Any, str] = {torch.flatten: "flatten", torch.unflatten: "unflatten", torch.reshape: "reshape",
               torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.transpose: "transpose",
               torch.swapaxes: "swapaxes", torch.swapdims: "swapdims", torch.permute: "permute",
               torch.movedim: "movedim", torch.moveaxis: "moveaxis", torch.t: "t"}
@@ -61,16 +62,7 @@ _PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
     "movedim": (("source", None), ("destination", None)), "moveaxis": (("source", None), ("destination", None)),
     "t": (), "contiguous": (),
 }
-_CATS = (torch.cat, torch.concat, torch.concatenate)
-
-
-def hashable(target: Any) -> bool:
-    """Whether a call target can be looked up in a set or dict."""
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
+_CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
 
 
 def op_call(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple, dict] | None:
@@ -83,7 +75,7 @@ def op_call(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple, dict] | None
     """
     if node.op == "call_method" and node.target in _METHODS:
         return str(node.target), tuple(node.args[1:]), dict(node.kwargs)
-    if node.op == "call_function" and hashable(node.target) and node.target in _FUNCTIONS:
+    if node.op == "call_function" and target_in(node.target, _FUNCTIONS):
         return _FUNCTIONS[node.target], tuple(node.args[1:]), dict(node.kwargs)
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -326,7 +318,7 @@ def _lost(head: fx.Node, chain: list[fx.Node], why: str, known: int | None) -> s
 
 def is_cat(node: fx.Node) -> bool:
     """Whether ``node`` is a ``torch.cat``/``concat``/``concatenate`` call."""
-    return node.op == "call_function" and hashable(node.target) and node.target in _CATS
+    return node.op == "call_function" and target_in(node.target, _CATS)
 
 
 def cat_inputs(node: fx.Node) -> tuple[list[Any], Any]:

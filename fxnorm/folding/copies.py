@@ -60,8 +60,8 @@ def _default_copy(module: nn.Module) -> bool:
     return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
             and not any(k in module.__dict__ for k in _COPY_HOOKS)
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__ and cls.__new__ is object.__new__ and getattr(cls, "__getnewargs_ex__", None) is None
-            and getattr(cls, "__getnewargs__", None) is None)
+            and cls.__getstate__ is nn.Module.__getstate__ and cls.__new__ is object.__new__
+            and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None)
 
 
 def _keep_alive(x: Any, memo: dict[int, Any]) -> None:

@@ -28,9 +28,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.kinds import target_in
 from ..graph.readers import value_users
 from ..graph.shapes import rank_of
-from .chains import bound_args, dim_of, hashable, op_call, view_sizes
+from .chains import bound_args, dim_of, op_call, view_sizes
 
 __all__ = ["POOLS", "consumer_path", "follow_to_linear"]
 
@@ -38,7 +39,7 @@ __all__ = ["POOLS", "consumer_path", "follow_to_linear"]
 POOLS: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                            nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
                            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_ADAPTIVE_AVG = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+_ADAPTIVE_AVG: dict[Any, int] = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 #: ``(rank, dim, exact)``: the channel of an element is its index along ``dim`` (``exact``), or that
 #: index // k where k is the number of elements the dims after the channel were flattened into
 State = tuple[int, int, bool]
@@ -63,7 +64,7 @@ def _pool(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int, bool] | str | No
             return (f"{name} pads with zeros (padding={padding}) and counts them (count_include_pad=True): the "
                     "norm's shift would be averaged with the zeros")
         return name, n, False
-    if node.op == "call_function" and hashable(node.target) and node.target in _ADAPTIVE_AVG:
+    if node.op == "call_function" and target_in(node.target, _ADAPTIVE_AVG):
         if len(node.args) != 2 or node.kwargs:
             return f"{node.name} is called with arguments fxnorm does not read"
         return f"{node.name} (adaptive_avg_pool)", _ADAPTIVE_AVG[node.target], False

@@ -33,6 +33,7 @@ __all__ = [
     "layer_kind",
     "has_running_stats",
     "functional_norm_kind",
+    "target_in",
 ]
 
 
@@ -208,3 +209,17 @@ def functional_norm_kind(target: Any) -> str | None:
         return FUNCTIONAL_NORMS.get(target)
     except TypeError:  # unhashable target
         return None
+
+
+def target_in(target: Any, table: Any) -> bool:
+    """Whether a graph node's call target is in ``table`` (a set, dict or tuple of functions); an
+    unhashable target is in no table.
+
+    Example:
+        >>> target_in(torch.cat, {torch.cat}), target_in([], {torch.cat})
+        (True, False)
+    """
+    try:
+        return target in table
+    except TypeError:  # unhashable target
+        return False

@@ -32,7 +32,7 @@ import os
 import sys
 import types
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as module_globals
 
-from .kinds import known_base
+from .kinds import known_base, target_in
 
 __all__ = ["mutators", "aliases", "attribute_reads", "hidden_references", "why_opaque", "global_hooks",
            "module_names", "is_metadata_query", "value_users", "augmented_assignment"]
@@ -142,19 +142,12 @@ def aliases(node: fx.Node) -> list[fx.Node]:
             if user in found or not user.args or user.args[0] is not current:
                 continue
             view = (user.op == "call_method" and str(user.target) in _VIEW_METHODS) or (
-                user.op == "call_function" and _hashable_in(user.target, _VIEW_FUNCTIONS))
+                user.op == "call_function" and target_in(user.target, _VIEW_FUNCTIONS))
             view = view or (user.op == "call_function" and user.target is getattr and user.args[1] in _VIEW_METHODS)
             if view:
                 found.append(user)
                 todo.append(user)
     return found
-
-
-def _hashable_in(target: Any, table: frozenset) -> bool:
-    try:
-        return target in table
-    except TypeError:
-        return False
 
 
 def mutators(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
@@ -178,33 +171,36 @@ def mutators(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
                     found.append(user)
             elif _is_inplace_call(user) and (first or "out" in user.kwargs):
                 found.append(user)
-            elif user.op == "call_function" and first and _hashable_in(user.target, _AUGMENTABLE) and (
+            elif user.op == "call_function" and first and target_in(user.target, _AUGMENTABLE) and (
                     user.meta.get("fxnorm_inplace") is not False):  # fxnorm's tracer read the bytecode: "x + y"
                 found.append(user)
     return found
 
 
-def attribute_reads(parts: Iterable[tuple[str, fx.GraphModule]]) -> dict[tuple[int, str], list[str]]:
+def attribute_reads(parts: Iterable[tuple[str, fx.GraphModule]],
+                    roots: Mapping[str, nn.Module]) -> dict[tuple[int, str], list[fx.Node]]:
     """Every ``get_attr`` of the graph parts, by ``(id(owner module), attribute name)``, with the
-    qualified names of the nodes that read it.
+    nodes that read it; owners are resolved against ``roots[prefix]``, the model's own module each
+    part was traced from (a part's root-level attributes belong to it, not to the GraphModule).
 
     Example:
-        >>> conv = nn.Conv2d(1, 1, 1)
-        >>> gm = fx.symbolic_trace(nn.Sequential(conv))
-        >>> attribute_reads([("", gm)])
-        {}
+        >>> model = nn.Linear(2, 2)
+        >>> reads = attribute_reads([("", fx.symbolic_trace(model))], {"": model})
+        >>> sorted(reads) == [(id(model), "bias"), (id(model), "weight")]
+        True
     """
-    reads: dict[tuple[int, str], list[str]] = defaultdict(list)
+    reads: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
     for prefix, gm in parts:
+        root = roots[prefix]
         for node in gm.graph.nodes:
             if node.op != "get_attr":
                 continue
-            owner_path, _, attr = str(node.target).rpartition(".")
+            path, _, attr = str(node.target).rpartition(".")
             try:
-                owner = gm.get_submodule(owner_path) if owner_path else gm
+                owner = root.get_submodule(path) if path else root
             except AttributeError:
                 continue
-            reads[(id(owner), attr)].append(f"{prefix}.{node.name}" if prefix else node.name)
+            reads[(id(owner), attr)].append(node)
     return dict(reads)
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import FxNormError
-from .kinds import is_plain, layer_kind, norm_kind
+from .kinds import is_plain, layer_kind, norm_kind, target_in
 from .tracing import graph_parts
 
 __all__ = ["record_shapes", "rank_of", "recorded_rank", "TensorShape"]
@@ -276,7 +276,7 @@ def rank_of(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
             return _flatten_rank(start, end, rank_of(gm, first, depth + 1))
         if node.target is torch.reshape:
             return _sizes_rank(tuple(node.args[1:2]) or (node.kwargs.get("shape"),))
-        if _hashable(node.target) and node.target in _SAME_RANK_FUNCTIONS:
+        if target_in(node.target, _SAME_RANK_FUNCTIONS):
             return rank_of(gm, first, depth + 1)
         if node.target in (operator.add, operator.mul, operator.sub, operator.truediv) and len(node.args) == 2:
             ranks = [rank_of(gm, a, depth + 1) if isinstance(a, fx.Node) else 0 for a in node.args]
@@ -305,14 +305,6 @@ def _checked_by_a_user(gm: fx.GraphModule, node: fx.Node) -> int | None:
             if kind in _CHECKED_RANK:
                 return _CHECKED_RANK[kind]
     return None
-
-
-def _hashable(target: Any) -> bool:
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
 
 
 def _forward_of(module: nn.Module) -> Any:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
 from .fastfx import LazyGraphModule, autowrapped, can_autowrap
 from .eager import EAGER_READS, watch_eager_reads
+from .isolation import hooks_held, silenced_rank_check
 from .readers import augmented_assignment
 from .kinds import is_plain, known_base
 
@@ -47,13 +47,6 @@ __all__ = [
 LeafSpec = Union[type, str, nn.Module]
 #: The ``leaf_modules`` argument of every fxnorm function that traces.
 LeafModules = Iterable[LeafSpec]
-_MISSING = object()
-
-
-def _no_check(*args: Any, **kwargs: Any) -> None:
-    """Stands in for a norm's ``_check_input_dim`` while the tracer goes inside it."""
-
-
 @dataclass
 class UntracedPart:
     """A module that stays eager, with why the tracer refused it."""
@@ -130,7 +123,7 @@ class NormTracer(fx.Tracer):
             pass
         self._stack.append(self._scope)
         try:
-            with _silenced_rank_check(m):
+            with silenced_rank_check(m):
                 return super().call_module(m, forward, args, kwargs)
         finally:
             self._scope = outer
@@ -143,7 +136,7 @@ class NormTracer(fx.Tracer):
         if search is not None:
             self._autowrap_search = []
         try:
-            with _silenced_rank_check(root if isinstance(root, nn.Module) else None), \
+            with silenced_rank_check(root if isinstance(root, nn.Module) else None), \
                     autowrapped(search or [], getattr(self, "_autowrap_function_ids", set())):
                 return super().trace(root, concrete_args)
         finally:
@@ -157,25 +150,6 @@ class NormTracer(fx.Tracer):
         if node.op == "call_function":
             node.meta["fxnorm_inplace"] = augmented_assignment(node.target)
         return node
-
-
-@contextlib.contextmanager
-def _silenced_rank_check(m: nn.Module | None) -> Iterator[None]:
-    """A norm subclass with its own forward is traced through; when it calls its base's forward, the
-    base's input-rank check (``if input.dim() != 4: raise``) would branch on a proxy and fail the
-    whole trace. Silence that check (on this instance, for this call only)."""
-    if m is None or known_base(m) is None or is_plain(m) or not callable(getattr(m, "_check_input_dim", None)):
-        yield
-        return
-    saved = m.__dict__.get("_check_input_dim", _MISSING)
-    object.__setattr__(m, "_check_input_dim", _no_check)
-    try:
-        yield
-    finally:
-        if saved is _MISSING:
-            del m.__dict__["_check_input_dim"]
-        else:
-            m.__dict__["_check_input_dim"] = saved
 
 
 def _one_line(err: BaseException) -> str:
@@ -195,7 +169,7 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
     try:
         tracer = NormTracer(leaf_modules, prefix)
         with watch_eager_reads({id(t) for t in (*module.parameters(), *module.buffers())}) as reads, \
-                _hooks_held(module) as hooked:
+                hooks_held(module) as hooked:
             tracer.hooked = hooked
             graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
@@ -208,39 +182,6 @@ def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_
             if len(current) != len(state) or any(current.get(k, state) is not v for k, v in state.items()):
                 current.clear()
                 current.update(state)
-
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-          "_forward_hooks_always_called")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
-                 "_global_forward_hooks_with_kwargs")
-
-
-@contextlib.contextmanager
-def _hooks_held(module: nn.Module) -> Iterator[set[int]]:
-    """No user hook runs while a module is traced (a hook that records hidden states would record
-    proxies): every module's hook tables, and the global ones, are empty inside the block and put
-    back after it; the block gets the ids of the modules that had hooks. Folds whose values cross a
-    hooked module are refused by the planner instead."""
-    from torch.nn.modules import module as module_globals
-
-    held = [(g, getattr(module_globals, g)) for g in _GLOBAL_HOOKS if hasattr(module_globals, g)]
-    for name, _ in held:
-        setattr(module_globals, name, type(getattr(module_globals, name))())
-    hooked = {id(m) for m in module.modules() if _has_hooks(m)}
-    for m in module.modules():
-        for attr in _HOOKS:
-            if attr in m.__dict__:
-                m.__dict__[attr] = type(m.__dict__[attr])()  # the caller restores the module's __dict__
-    try:
-        yield hooked
-    finally:
-        for name, table in held:
-            setattr(module_globals, name, table)
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return any(m.__dict__.get(attr) for attr in _HOOKS)
 
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:

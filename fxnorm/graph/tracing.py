@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
-from .fastfx import LazyGraphModule, autowrapped, can_autowrap
+from .fastfx import LazyGraphModule, UnpackingProxy, autowrapped, can_autowrap
 from .eager import EAGER_READS, watch_eager_reads
 from .isolation import hooks_held, silenced_rank_check
 from .readers import augmented_assignment
@@ -142,6 +142,10 @@ class NormTracer(fx.Tracer):
         finally:
             if search is not None:
                 self._autowrap_search = search
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        """Proxies that find ``a, b = proxy`` cheaply (:class:`fxnorm.graph.fastfx.UnpackingProxy`)."""
+        return UnpackingProxy(node, self)
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)

@@ -1,6 +1,7 @@
 """fxnorm.graph.fastfx: the math wrappers made once give torch's graphs, and leave math as it was."""
 
 import math
+import operator
 
 import pytest
 import torch
@@ -57,3 +58,39 @@ def test_lazy_trace_runs_and_reads_code_like_the_eager_one():
     x = torch.randn(2, 4)
     assert torch.equal(lazy(x), eager(x))
     assert lazy.code == eager.code
+
+
+class _Unpacks(nn.Module):
+    def forward(self, x):
+        a, b = x.unbind(0)  # UNPACK_SEQUENCE 2
+        return a - b
+
+
+class _Iterates(nn.Module):
+    def forward(self, x):
+        return [t * 2 for t in x]
+
+
+def _unpacks(count: int) -> nn.Module:
+    """A module whose forward unpacks ``count`` values at once (``count > 255`` needs EXTENDED_ARG)."""
+    names = [f"v{i}" for i in range(count)]
+    source = f"def forward(self, x):\n    {', '.join(names)}, = x.unbind(0)\n    return {names[0]} + {names[-1]}\n"
+    scope: dict = {}
+    exec(source, scope)
+    return type(f"Unpacks{count}", (nn.Module,), {"forward": scope["forward"]})()
+
+
+@pytest.mark.parametrize("module, count", [(_Unpacks(), 2), (_unpacks(3), 3), (_unpacks(300), 300)],
+                         ids=["unpack2", "unpack3", "unpack300"])
+def test_unpacking_proxies_give_torchs_graphs(module, count):
+    ours, torchs = NormTracer().trace(module), fx.Tracer().trace(module)
+    assert [n.args[1] for n in ours.nodes if n.target is operator.getitem] == list(range(count))
+    assert ours.python_code("self").src == torchs.python_code("self").src
+
+
+def test_iterating_a_proxy_fails_as_with_torch():
+    with pytest.raises(fx.proxy.TraceError, match="cannot be iterated") as ours:
+        NormTracer().trace(_Iterates())
+    with pytest.raises(fx.proxy.TraceError) as torchs:
+        fx.Tracer().trace(_Iterates())
+    assert str(ours.value) == str(torchs.value)

@@ -1,4 +1,5 @@
-"""What tracing must not change in the model it reads: user hooks are held while a module is traced
+"""What tracing must not change in the model it reads: every module's attributes are put back after
+a module is traced (:func:`attributes_restored`), user hooks are held while it is traced
 (:func:`hooks_held`), and a norm subclass's input-rank check is silenced while the tracer goes
 through it (:func:`silenced_rank_check`).
 
@@ -7,7 +8,7 @@ Example:
     >>> seen = []
     >>> layer = nn.Linear(2, 2)
     >>> _ = layer.register_forward_hook(lambda m, a, o: seen.append(o))
-    >>> with hooks_held(layer) as hooked:
+    >>> with hooks_held([layer]) as hooked:
     ...     _ = layer(torch.ones(1, 2))
     >>> len(seen), hooked == {id(layer)}
     (0, True)
@@ -16,7 +17,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -24,9 +26,28 @@ import torch.nn as nn
 
 from .kinds import is_plain, known_base
 
-__all__ = ["hooks_held", "silenced_rank_check"]
+__all__ = ["attributes_restored", "hooks_held", "silenced_rank_check"]
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def attributes_restored(modules: list[nn.Module]) -> Iterator[None]:
+    """Every module's ``__dict__`` put back after the block as it was before it. Tracing runs a
+    module's Python code on proxies, and some modules cache what they compute (torchvision's
+    ``MultiScaleRoIAlign`` sets ``self.scales`` on its first call): neither the user's model nor the
+    graph may keep a proxy. A ``__dict__`` is compared by identity, key by key and value by value,
+    and restored whole when anything differs."""
+    saved = [(m, dict(m.__dict__)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, state in saved:
+            current = m.__dict__
+            if (len(current) != len(state) or not all(map(operator.is_, current, state))
+                    or not all(map(operator.is_, current.values(), state.values()))):
+                current.clear()
+                current.update(state)
 
 
 def _no_check(*args: Any, **kwargs: Any) -> None:
@@ -59,27 +80,27 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 
 @contextlib.contextmanager
-def hooks_held(module: nn.Module) -> Iterator[set[int]]:
-    """No user hook runs while a module is traced (a hook that records hidden states would record
-    proxies): every module's hook tables, and the global ones, are empty inside the block and put
-    back after it; the block gets the ids of the modules that had hooks. Folds whose values cross a
+def hooks_held(modules: Iterable[nn.Module]) -> Iterator[set[int]]:
+    """No user hook runs while modules are traced (a hook that records hidden states would record
+    proxies): the non-empty hook tables of ``modules``, and the global ones, are empty inside the
+    block; the global ones are put back after it, the modules' by the caller, which restores their
+    ``__dict__``. The block gets the ids of the modules that had hooks. Folds whose values cross a
     hooked module are refused by the planner instead."""
     from torch.nn.modules import module as module_globals
 
     held = [(g, getattr(module_globals, g)) for g in _GLOBAL_HOOKS if hasattr(module_globals, g)]
     for name, _ in held:
         setattr(module_globals, name, type(getattr(module_globals, name))())
-    hooked = {id(m) for m in module.modules() if _has_hooks(m)}
-    for m in module.modules():
+    hooked: set[int] = set()
+    for m in modules:
+        state = m.__dict__
         for attr in _HOOKS:
-            if attr in m.__dict__:
-                m.__dict__[attr] = type(m.__dict__[attr])()  # the caller restores the module's __dict__
+            table = state.get(attr)
+            if table:
+                hooked.add(id(m))
+                state[attr] = type(table)()
     try:
         yield hooked
     finally:
         for name, table in held:
             setattr(module_globals, name, table)
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return any(m.__dict__.get(attr) for attr in _HOOKS)

@@ -34,7 +34,7 @@ from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
 from .fastfx import LazyGraphModule, UnpackingProxy, autowrapped, can_autowrap
 from .eager import EAGER_READS, watch_eager_reads
-from .isolation import hooks_held, silenced_rank_check
+from .isolation import attributes_restored, hooks_held, silenced_rank_check
 from .readers import augmented_assignment
 from .kinds import is_plain, known_base
 
@@ -164,28 +164,19 @@ def _one_line(err: BaseException) -> str:
 
 def _trace_module(module: nn.Module, prefix: str, leaf_modules: tuple, concrete_args: Any,
                   lazy: bool = False) -> fx.GraphModule:
-    # Tracing runs the module's Python code on proxies, and some modules cache what they compute
-    # (torchvision's MultiScaleRoIAlign sets ``self.scales`` on first call): put every attribute
-    # back afterwards so that neither the user's model nor the graph keeps a proxy.
     # Code traced through runs on the real buffers too (a BatchNorm subclass in training mode does
     # ``self.num_batches_tracked.add_(1)``): watch_eager_reads keeps those writes from happening.
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
-    try:
+    modules = list(module.modules())
+    tensors = {id(t) for m in modules for store in (m._parameters, m._buffers) for t in store.values() if t is not None}
+    with attributes_restored(modules):
         tracer = NormTracer(leaf_modules, prefix)
-        with watch_eager_reads({id(t) for t in (*module.parameters(), *module.buffers())}) as reads, \
-                hooks_held(module) as hooked:
+        with watch_eager_reads(tensors) as reads, hooks_held(modules) as hooked:
             tracer.hooked = hooked
             graph = tracer.trace(module, concrete_args=concrete_args)
         graph.lint()
         gm = (LazyGraphModule if lazy else fx.GraphModule)(tracer.root, graph, module.__class__.__name__)
         gm.meta[EAGER_READS] = dict(reads)
         return gm
-    finally:
-        for m, state in saved:
-            current = m.__dict__
-            if len(current) != len(state) or any(current.get(k, state) is not v for k, v in state.items()):
-                current.clear()
-                current.update(state)
 
 
 def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:

@@ -16,6 +16,12 @@ it is unpacking a sequence, and does so again for every ``for x in proxy`` that 
 milliseconds per attempt on the long ``forward`` s of detection models. :class:`UnpackingProxy` reads
 the one instruction being run instead (same graphs, same errors).
 
+``fx.Tracer.trace`` sets ``nn.Module.__call__`` and ``nn.Module.__getattr__`` to its wrappers and back
+(three times: patch, revert, revert) on every trace. Setting an attribute of ``nn.Module`` makes
+CPython update every subclass (hundreds once torchvision is imported): about 0.1 ms each, most of
+the cost of a failed attempt. :func:`module_patches_hoisted` sets them once, to dispatchers, for a
+whole part-by-part trace; the tracer's patches then switch the dispatchers' targets.
+
 Example:
     >>> import math, torch.fx as fx
     >>> sqrt = math.sqrt
@@ -35,17 +41,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch.fx as fx
+import torch.nn as nn
 
 try:  # torch >= 2.3
     from torch.fx._lazy_graph_module import _LazyGraphModule as LazyGraphModule
 except ImportError:  # pragma: no cover
     LazyGraphModule = fx.GraphModule  # type: ignore[misc, assignment]
+try:  # the patcher torch's tracer sets nn.Module.__call__/__getattr__ with (torch.fx._symbolic_trace)
+    from torch.fx._symbolic_trace import _Patcher
+except ImportError:  # pragma: no cover
+    _Patcher = None  # type: ignore[assignment, misc]
 try:  # torch's wrapper (torch.fx._symbolic_trace), the one its tracer puts around math functions
     from torch.fx._symbolic_trace import _create_wrapped_func
 except ImportError:  # pragma: no cover
     _create_wrapped_func = None  # type: ignore[assignment]
 
-__all__ = ["LazyGraphModule", "UnpackingProxy", "autowrapped", "can_autowrap"]
+__all__ = ["LazyGraphModule", "UnpackingProxy", "autowrapped", "can_autowrap", "module_patches_hoisted"]
 
 _WRAPPERS: dict[int, Any] = {}  #: id(function) -> its torch.fx wrapper, made once
 
@@ -113,3 +124,78 @@ class UnpackingProxy(fx.Proxy):
                 shift, before = shift + 8, before - 2
             return (self[i] for i in range(count))  # type: ignore[index]
         return self.tracer.iter(self)
+
+
+_HOISTED = ("__call__", "__getattr__")
+
+
+class _SlotPatch:
+    """What torch's ``_PatchedFnSetAttr`` does to an attribute of ``nn.Module``, done to the target of
+    a dispatcher of :func:`module_patches_hoisted` (``patch`` and ``revert`` may each run twice)."""
+
+    def __init__(self, slots: dict[str, Any], name: str, orig_fn: Any, new_fn: Any) -> None:
+        self.slots, self.fn_name, self.orig_fn, self.new_fn = slots, name, orig_fn, new_fn
+
+    def patch(self) -> None:
+        self.slots[self.fn_name] = self.new_fn
+
+    def revert(self) -> None:
+        self.slots[self.fn_name] = self.orig_fn
+
+
+def _can_hoist() -> bool:
+    return (_Patcher is not None and callable(_Patcher.__dict__.get("patch_method"))
+            and all(name in nn.Module.__dict__ for name in _HOISTED))
+
+
+@contextlib.contextmanager
+def module_patches_hoisted() -> Iterator[None]:
+    """Inside the block, ``nn.Module.__call__`` and ``nn.Module.__getattr__`` are dispatchers that call
+    what torch's tracer patched in, or the originals, and the tracer's patches of them change only
+    the dispatchers' targets: tracing many parts sets attributes of ``nn.Module`` four times in all
+    instead of six times per part. Everything is put back after the block. (On torch versions whose
+    tracer patches differently, nothing changes.)
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> call = nn.Module.__call__
+        >>> with module_patches_hoisted():
+        ...     graph = fx.Tracer().trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        ...     hoisted = nn.Module.__call__ is not call
+        >>> hoisted, nn.Module.__call__ is call, [n.op for n in graph.nodes]
+        (True, True, ['placeholder', 'call_module', 'call_module', 'output'])
+    """
+    if not _can_hoist():  # pragma: no cover
+        yield
+        return
+    saved = {name: nn.Module.__dict__[name] for name in _HOISTED}
+    slots = dict(saved)
+    torch_patch_method = _Patcher.__dict__["patch_method"]
+
+    def dispatch_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return slots["__call__"](module, *args, **kwargs)
+
+    def dispatch_getattr(module: nn.Module, name: str) -> Any:
+        return slots["__getattr__"](module, name)
+
+    def patch_method(patcher: Any, cls: type, name: str, new_fn: Any, deduplicate: bool = True) -> None:
+        if cls is not nn.Module or name not in slots:
+            return torch_patch_method(patcher, cls, name, new_fn, deduplicate)
+        new_fn.__fx_already_patched = deduplicate  # as torch's patch_method, on the dispatcher's target
+        if getattr(slots[name], "__fx_already_patched", False):
+            return None
+        patcher.patches_made.append(_SlotPatch(slots, name, slots[name], new_fn))
+        patcher.patches_made[-1].patch()
+        return None
+
+    dispatch_call.__wrapped__ = saved["__call__"]  # type: ignore[attr-defined]
+    dispatch_getattr.__wrapped__ = saved["__getattr__"]  # type: ignore[attr-defined]
+    _Patcher.patch_method = patch_method  # type: ignore[method-assign, assignment]
+    try:
+        nn.Module.__call__ = dispatch_call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = dispatch_getattr  # type: ignore[method-assign]
+        yield
+    finally:
+        _Patcher.patch_method = torch_patch_method  # type: ignore[method-assign]
+        for name, value in saved.items():
+            setattr(nn.Module, name, value)

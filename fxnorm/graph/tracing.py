@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import FxNormError, TraceError
 from ..reports import Report, record_report, report_of
-from .fastfx import LazyGraphModule, UnpackingProxy, autowrapped, can_autowrap
+from .fastfx import LazyGraphModule, UnpackingProxy, autowrapped, can_autowrap, module_patches_hoisted
 from .eager import EAGER_READS, watch_eager_reads
 from .isolation import attributes_restored, hooks_held, silenced_rank_check
 from .readers import augmented_assignment
@@ -280,7 +280,8 @@ def trace(
         raise TraceError(f"{type(model).__name__} is TorchScript (torch.jit.script/trace): fxnorm reads Python "
                          "modules; pass the nn.Module it was made from")
     report = TraceReport()
-    result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace, lazy)
+    with module_patches_hoisted():  # torch's tracer patches nn.Module once, not once per part
+        result = _trace_tree(model, "", report, tuple(leaf_modules), concrete_args, inplace, lazy)
     record_report(result, report)
     return result
 

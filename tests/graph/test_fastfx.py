@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxnorm.graph.fastfx import LazyGraphModule, autowrapped, can_autowrap
+from fxnorm.graph.fastfx import LazyGraphModule, autowrapped, can_autowrap, module_patches_hoisted
 from fxnorm.graph.tracing import NormTracer, trace
 
 
@@ -94,3 +94,46 @@ def test_iterating_a_proxy_fails_as_with_torch():
     with pytest.raises(fx.proxy.TraceError) as torchs:
         fx.Tracer().trace(_Iterates())
     assert str(ours.value) == str(torchs.value)
+
+
+class _Nested(nn.Module):
+    """Module calls two levels deep, a parameter read through ``nn.Module.__getattr__``, and a
+    non-leaf child traced through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.block(x) * self.scale
+
+
+def test_hoisted_module_patches_give_torchs_graphs_and_are_put_back():
+    from torch.fx._symbolic_trace import _Patcher
+
+    call, getattr_, patch_method = nn.Module.__call__, nn.Module.__getattr__, _Patcher.patch_method
+    expected = fx.Tracer().trace(_Nested()).python_code("self").src
+    with module_patches_hoisted():
+        assert nn.Module.__call__ is not call and nn.Module.__getattr__ is not getattr_
+        first = fx.Tracer().trace(_Nested()).python_code("self").src
+        with pytest.raises(fx.proxy.TraceError):
+            fx.Tracer().trace(_Iterates())  # a failed trace in between
+        second = NormTracer().trace(_Nested()).python_code("self").src
+        eager = _Nested()(torch.ones(1, 3))  # modules run as usual between traces
+    assert first == expected and second == expected
+    assert eager.shape == (1, 3)
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_ and _Patcher.patch_method is patch_method
+
+
+def test_hoisted_module_patches_put_back_after_an_error():
+    call = nn.Module.__call__
+    with pytest.raises(RuntimeError, match="boom"):
+        with module_patches_hoisted():
+            raise RuntimeError("boom")
+    assert nn.Module.__call__ is call
+    seen = []
+    layer = nn.Linear(2, 2)
+    layer.register_forward_hook(lambda m, a, o: seen.append(o))
+    layer(torch.ones(1, 2))
+    assert len(seen) == 1

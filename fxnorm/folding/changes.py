@@ -161,7 +161,9 @@ def _swaps(plan: Plan, module: nn.Module, new: nn.Module) -> list[tuple[nn.Modul
     out = []
     for name in plan.analysis.names.get(id(module), []):
         parent_path, _, key = name.rpartition(".")
-        parent = plan.analysis.model.get_submodule(parent_path)
+        parent = plan.analysis.model
+        for atom in parent_path.split(".") if parent_path else ():
+            parent = parent._modules[atom]  # type: ignore[assignment]  # a registered name: never None
         out.append((parent, key, new))
     return out
 

@@ -6,6 +6,10 @@ leaves those tensors shared, and :func:`unshare` deep-copies the ones the folded
 so the result shares nothing with the user's model (ties inside the copy are kept). Nothing here
 writes into a shared tensor.
 
+The copy is ``copy.deepcopy``'s, made faster for what a module tree holds (modules copied the default
+way, their tables, plain tensors and Parameters): same objects, same sharing, same memo; anything
+else goes through ``copy.deepcopy`` itself.
+
 Example:
     >>> import torch.nn as nn
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
+from torch.overrides import has_torch_function_unary
 
 from ..graph.kinds import layer_kind
 
@@ -46,63 +51,7 @@ def copy_sharing_layers(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn
             if isinstance(t, torch.Tensor) and not is_lazy(t):
                 memo[id(t)] = t
                 shared[id(t)] = t
-    return _deepcopy(model, memo)
-
-
-_ATOMIC = frozenset({bool, int, float, str, type(None)})
-_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
-
-
-def _default_copy(module: nn.Module) -> bool:
-    """True when ``copy.deepcopy`` copies ``module`` the default way: ``cls.__new__(cls)``, then
-    ``__setstate__`` (the class's own, convs have one) of a deep copy of ``nn.Module.__getstate__()``."""
-    cls = type(module)
-    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
-            and not any(k in module.__dict__ for k in _COPY_HOOKS)
-            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__ and cls.__new__ is object.__new__
-            and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None)
-
-
-def _keep_alive(x: Any, memo: dict[int, Any]) -> None:
-    """What ``copy.deepcopy`` does with every object it copies: keep it alive as long as ``memo``, so
-    that its ``id`` stays unique."""
-    memo.setdefault(id(memo), []).append(x)
-
-
-def _deepcopy(x: Any, memo: dict[int, Any]) -> Any:
-    """``copy.deepcopy(x, memo)``, faster for modules copied the default way: their empty hook tables
-    (a dozen ``OrderedDict`` s per module), empty sets and child tables are made directly instead of
-    through ``__reduce_ex__``. Same objects, same sharing, same memo."""
-    found = memo.get(id(x), memo)
-    if found is not memo:
-        return found
-    if not isinstance(x, nn.Module) or not _default_copy(x):
-        return copy.deepcopy(x, memo)
-    y = type(x).__new__(type(x))
-    memo[id(x)] = y
-    _keep_alive(x, memo)
-    state = {}
-    for key, value in x.__getstate__().items():
-        if type(value) in _ATOMIC or (type(value) is tuple and all(type(v) in _ATOMIC for v in value)):
-            state[key] = value  # deepcopy returns these themselves, and does not memo them
-        elif id(value) in memo:
-            state[key] = memo[id(value)]
-        elif type(value) is OrderedDict and not value and not value.__dict__:
-            state[key] = memo[id(value)] = OrderedDict()
-            _keep_alive(value, memo)
-        elif type(value) is set and not value:
-            state[key] = memo[id(value)] = set()
-            _keep_alive(value, memo)
-        elif key == "_modules" and type(value) is dict:
-            children = state[key] = memo[id(value)] = {}
-            _keep_alive(value, memo)
-            for name, child in value.items():
-                children[name] = _deepcopy(child, memo)
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    y.__setstate__(state)
-    return y
+    return _DeepCopy(memo).copy(model)
 
 
 def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
@@ -111,10 +60,150 @@ def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
     if not shared:
         return
     copies: dict[int, torch.Tensor] = {}
-    for module in result.modules():
+    for module in _modules(result):
         for store in (module._parameters, module._buffers):
             for key, t in store.items():
-                if t is not None and id(t) in shared and shared[id(t)] is t:
+                if id(t) in shared and shared[id(t)] is t:
                     if id(t) not in copies:
-                        copies[id(t)] = copy.deepcopy(t)
+                        copies[id(t)] = _DeepCopy({}).copy(t)
                     store[key] = copies[id(t)]  # type: ignore[assignment]  # a Parameter's deepcopy is one
+
+
+def _modules(root: nn.Module) -> list[nn.Module]:
+    """``list(root.modules())`` (each module once), without the names ``named_modules`` builds."""
+    seen, found, todo = {id(root)}, [root], [root]
+    while todo:
+        for child in todo.pop()._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+_ATOMIC = frozenset({bool, int, float, str, type(None)})
+_EMPTY = frozenset({dict, OrderedDict, set})  # copy.deepcopy makes a new empty one of these
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+
+
+def _default_class(cls: type[nn.Module]) -> bool:
+    """True when ``copy.deepcopy`` copies instances of module class ``cls`` the default way (unless
+    the instance itself holds a copy hook): ``cls.__new__(cls)``, then ``__setstate__`` (the class's
+    own, convs have one) of a deep copy of ``nn.Module.__getstate__()``."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is nn.Module.__getstate__ and cls.__new__ is object.__new__
+            and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None)
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """True when ``Tensor.__deepcopy__`` copies ``t`` (of type ``torch.Tensor``) by cloning its
+    storage and nothing else: a dense CPU/CUDA leaf, no grad, no attributes, no torch function."""
+    return (not t.__dict__ and t.is_leaf and t.grad is None and t.layout is torch.strided
+            and (t.is_cpu or t.is_cuda) and not (t.is_quantized or t.is_conj() or t.is_neg())
+            and not has_torch_function_unary(t))
+
+
+class _DeepCopy:
+    """``copy.deepcopy(x, memo)``, faster for modules copied the default way (their empty hook tables,
+    a dozen ``OrderedDict`` s per module, made directly instead of through ``__reduce_ex__``), plain
+    dicts, tensors and Parameters. Every object it copies goes in ``memo`` and is kept alive with it,
+    as ``copy.deepcopy`` does; anything else is copied by ``copy.deepcopy(x, memo)``."""
+
+    def __init__(self, memo: dict[int, Any]) -> None:
+        self.memo = memo
+        self.alive: list[Any] = memo.setdefault(id(memo), [])  # copy.deepcopy's own keep-alive list
+        self.default_classes: dict[type[nn.Module], bool] = {}  # module class -> _default_class(class)
+
+    def copy(self, x: Any) -> Any:
+        """A deep copy of ``x``: the memo's copy if ``x`` was copied already."""
+        found = self.memo.get(id(x), self.memo)
+        if found is not self.memo:
+            return found
+        cls = type(x)
+        if cls in _ATOMIC:
+            return x
+        if cls is dict:
+            return self._dict(x)
+        if cls is torch.Tensor and _plain_tensor(x):
+            return self._tensor(x)
+        if cls is nn.Parameter and "__deepcopy__" not in x.__dict__:
+            return self._parameter(x)
+        if isinstance(x, nn.Module) and self._default_copy(x):
+            return self._module(x)
+        return copy.deepcopy(x, self.memo)
+
+    def _done(self, x: Any, y: Any) -> Any:
+        """Record ``y`` as the copy of ``x``, keeping ``x`` alive as long as the memo; returns ``y``."""
+        self.memo[id(x)] = y
+        self.alive.append(x)
+        return y
+
+    def _default_copy(self, module: nn.Module) -> bool:
+        """True when ``copy.deepcopy`` copies ``module`` the default way (see :func:`_default_class`)."""
+        cls = type(module)
+        default = self.default_classes.get(cls)
+        if default is None:
+            default = self.default_classes[cls] = _default_class(cls)
+        return default and module.__dict__.keys().isdisjoint(_COPY_HOOKS)
+
+    def _dict(self, x: dict) -> dict:
+        """What ``copy._deepcopy_dict`` does: the new dict in the memo first, then keys and values."""
+        y: dict = {}
+        self._done(x, y)
+        for key, value in x.items():
+            y[key if type(key) is str else self.copy(key)] = self.copy(value)
+        return y
+
+    def _parameter(self, p: nn.Parameter) -> nn.Parameter:
+        """What ``Parameter.__deepcopy__`` does (a clone; neither its grad nor its attributes)."""
+        return self._done(p, nn.Parameter(p.data.clone(memory_format=torch.preserve_format), p.requires_grad))
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """What ``Tensor.__deepcopy__`` does for a :func:`_plain_tensor`: a copy of its whole storage,
+        one per storage (views of one storage stay views of one copy), viewed the same way. A tensor
+        that is its whole storage, densely, is cloned: the same bytes in a storage of the same size,
+        viewed the same way, in one call instead of four."""
+        memo = self.memo
+        storage = t.untyped_storage()
+        y = None
+        new_storage = memo.get(id(storage), memo)
+        if new_storage is memo:
+            by_storage = memo.setdefault("torch", {})  # UntypedStorage.__deepcopy__'s table
+            new_storage = by_storage.get(storage._cdata)
+            if new_storage is None and t.is_contiguous() and not t.storage_offset() and (
+                    storage.nbytes() == t.numel() * t.element_size()):
+                y = (t.detach() if t.requires_grad else t).clone()
+                new_storage = by_storage[storage._cdata] = y.untyped_storage()
+            elif new_storage is None:
+                new_storage = by_storage[storage._cdata] = storage.clone()
+            self._done(storage, new_storage)
+        if y is None:
+            y = t.new_empty([])
+            y.set_(new_storage, t.storage_offset(), t.size(), t.stride())
+        if t.requires_grad:
+            y.requires_grad_()
+        self._done(t.__dict__, y.__dict__)  # deepcopy's copy of the (empty) attributes
+        return self._done(t, y)
+
+    def _module(self, x: nn.Module) -> nn.Module:
+        """``cls.__new__(cls)`` and ``__setstate__`` of a deep copy of ``x.__getstate__()``, made here
+        for what every module holds: scalars, empty hook tables and sets."""
+        memo, alive = self.memo, self.alive
+        y = type(x).__new__(type(x))
+        memo[id(x)] = y
+        alive.append(x)
+        state = {}
+        for key, value in x.__getstate__().items():
+            cls = type(value)
+            if cls in _ATOMIC or (cls is tuple and _ATOMIC.issuperset(map(type, value))):
+                state[key] = value  # deepcopy returns these themselves, and does not memo them
+            elif id(value) in memo:
+                state[key] = memo[id(value)]
+            elif cls in _EMPTY and not value and (cls is not OrderedDict or not value.__dict__):
+                state[key] = memo[id(value)] = cls()  # an empty hook table, buffer set, child table
+                alive.append(value)
+            else:
+                state[key] = self.copy(value)
+        y.__setstate__(state)
+        return y

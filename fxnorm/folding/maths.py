@@ -73,6 +73,21 @@ def _as(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(device=like.device, dtype=dtype, copy=True)
 
 
+def _read_as(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` on ``like``'s device, to be read only: ``t`` itself when it already is."""
+    return t.to(device=like.device, dtype=dtype)
+
+
+def _new_bias(bias: Tensor | None, scale: Tensor, shift: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """``bias * scale + shift`` (``shift`` without a bias) computed in ``dtype``, a new tensor of
+    ``like``'s dtype (never aliases an input)."""
+    if bias is None:
+        b = _as(shift, like, dtype)
+    else:
+        b = _read_as(bias, like, dtype).mul(scale).add_(_read_as(shift, like, dtype))
+    return b.to(like.dtype).contiguous()
+
+
 def _new_weight(weight: Tensor, factor: Tensor, dtype: torch.dtype) -> Tensor:
     """``weight * factor`` (factor broadcasts) computed in ``dtype``, returned with weight's dtype and strides.
 
@@ -123,15 +138,15 @@ def bn_scale_shift(
     if not eps >= 0.0:
         raise FoldError(f"eps must be >= 0, got {eps}")
     dtype = _compute_dtype(running_mean, running_var, weight, bias)
-    var = _as(running_var, running_var, dtype) + eps
+    var = _read_as(running_var, running_var, dtype) + eps  # a new tensor: every step below writes into it
     if not var.is_meta and bool((var <= 0).any()):  # meta tensors hold no values to check
         raise FoldError("running_var + eps must be > 0 for every channel (got a zero or negative value)")
-    scale = torch.rsqrt(var)
+    scale = var.rsqrt_()
     if weight is not None:
-        scale = scale * _as(weight, running_var, dtype)
-    shift = -_as(running_mean, running_var, dtype) * scale
+        scale.mul_(_read_as(weight, running_var, dtype))
+    shift = _read_as(running_mean, running_var, dtype).neg().mul_(scale)
     if bias is not None:
-        shift = shift + _as(bias, running_var, dtype)
+        shift.add_(_read_as(bias, running_var, dtype))
     return scale, shift
 
 
@@ -171,16 +186,14 @@ def fold_bn_into_conv(
     if bias is not None:
         _check_vector("bias", bias, cout, what)
     dtype = _compute_dtype(weight, bias, scale, shift)
-    s = _as(scale, weight, dtype)
+    s = _read_as(scale, weight, dtype)
     if transposed:
         rows = torch.arange(weight.shape[0], device=weight.device) // cin_g
         idx = rows[:, None] * cout_g + torch.arange(cout_g, device=weight.device)[None, :]
         factor = s[idx]  # (Cin, Cout/groups): the scale of the output channel at weight[r, j]
     else:
         factor = s
-    new_w = _new_weight(weight, _per_channel(factor, weight.ndim), dtype)
-    b = _as(shift, weight, dtype) if bias is None else _as(bias, weight, dtype) * s + _as(shift, weight, dtype)
-    return new_w, b.to(weight.dtype).contiguous()
+    return _new_weight(weight, _per_channel(factor, weight.ndim), dtype), _new_bias(bias, s, shift, weight, dtype)
 
 
 @torch.no_grad()
@@ -201,10 +214,8 @@ def fold_bn_into_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shif
     if bias is not None:
         _check_vector("bias", bias, out, "out_features of the Linear")
     dtype = _compute_dtype(weight, bias, scale, shift)
-    s = _as(scale, weight, dtype)
-    new_w = _new_weight(weight, s[:, None], dtype)
-    b = _as(shift, weight, dtype) if bias is None else _as(bias, weight, dtype) * s + _as(shift, weight, dtype)
-    return new_w, b.to(weight.dtype).contiguous()
+    s = _read_as(scale, weight, dtype)
+    return _new_weight(weight, s[:, None], dtype), _new_bias(bias, s, shift, weight, dtype)
 
 
 @torch.no_grad()
@@ -238,11 +249,11 @@ def fold_bn_into_next_conv(
     dtype = _compute_dtype(weight, bias, scale, shift)
     grp = torch.arange(cout, device=weight.device) // (cout // groups)
     idx = grp[:, None] * cin_g + torch.arange(cin_g, device=weight.device)[None, :]  # (Cout, Cin/groups)
-    new_w = _new_weight(weight, _per_channel(_as(scale, weight, dtype)[idx], weight.ndim), dtype)
+    new_w = _new_weight(weight, _per_channel(_read_as(scale, weight, dtype)[idx], weight.ndim), dtype)
     w = weight.to(dtype)
-    b = (w * _per_channel(_as(shift, weight, dtype)[idx], weight.ndim)).sum(dim=tuple(range(1, weight.ndim)))
+    b = (w * _per_channel(_read_as(shift, weight, dtype)[idx], weight.ndim)).sum(dim=tuple(range(1, weight.ndim)))
     if bias is not None:
-        b = b + _as(bias, weight, dtype)
+        b.add_(_read_as(bias, weight, dtype))
     return new_w, b.to(weight.dtype).contiguous()
 
 
@@ -273,10 +284,10 @@ def fold_affine_into_next_linear(
     if gamma is None:
         new_w = torch.empty_like(weight).copy_(weight)
     else:
-        new_w = _new_weight(weight, _as(gamma, weight, dtype)[None, :], dtype)
+        new_w = _new_weight(weight, _read_as(gamma, weight, dtype)[None, :], dtype)
     b = torch.zeros(out, dtype=dtype, device=weight.device) if bias is None else _as(bias, weight, dtype)
     if beta is not None:
-        b = b + w @ _as(beta, weight, dtype)
+        b = b + w @ _read_as(beta, weight, dtype)
     return new_w, b.to(weight.dtype).contiguous()
 
 

@@ -96,3 +96,48 @@ def test_detection_model_like_deepcopy():
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=3).eval()
     _check_like_deepcopy(model)
+
+
+class _Tensors(nn.Module):
+    """Tensors copied on each of the copy's paths: views of one storage, a buffer that requires grad,
+    strided and channels-last buffers, a tensor with attributes, a Parameter with attributes, a conj view."""
+
+    def __init__(self):
+        super().__init__()
+        flat = torch.randn(10)
+        self.register_buffer("head", flat[:4])
+        self.register_buffer("tail", flat[4:].view(2, 3))
+        self.register_buffer("grad", torch.randn(3, requires_grad=True))
+        self.register_buffer("strided", torch.randn(4, 4)[:, ::2])
+        self.register_buffer("odd_strides", torch.empty_strided((1, 4), (100, 1)).fill_(2.0))
+        self.register_buffer("channels_last", torch.randn(1, 2, 3, 3).to(memory_format=torch.channels_last))
+        self.register_buffer("conj", torch.randn(3, dtype=torch.complex64).conj())
+        self.register_buffer("empty", torch.empty(0))
+        tagged = torch.randn(2)
+        tagged.note = [1, 2]
+        self.register_buffer("tagged", tagged)
+        self.p = nn.Parameter(torch.randn(3, 4).t())
+        self.p.note = "dropped by Parameter.__deepcopy__"
+        self.held = {"p": self.p, "tail": self.tail, 3: "three"}
+
+
+def _tensor_facts(m: nn.Module) -> dict:
+    storages = {}
+    out = {}
+    for name, t in m.state_dict(keep_vars=True).items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = (type(t), t.dtype, t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes(),
+                     t.requires_grad, t.is_leaf, t.is_conj(), dict(t.__dict__), storages.setdefault(ptr, len(storages)))
+    return out
+
+
+def test_tensors_like_deepcopy():
+    model = _Tensors()
+    ours, theirs = copy_sharing_layers(model, {}), copy.deepcopy(model)
+    assert _tensor_facts(ours) == _tensor_facts(theirs)
+    for name, t in ours.state_dict(keep_vars=True).items():
+        assert torch.equal(t, theirs.state_dict(keep_vars=True)[name])
+    assert ours.tail.untyped_storage().data_ptr() == ours.head.untyped_storage().data_ptr()  # one storage, copied once
+    assert ours.held["p"] is ours.p and ours.held["tail"] is ours.tail
+    model_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
+    assert not model_ptrs & {t.untyped_storage().data_ptr() for t in ours.state_dict().values() if t.numel()}

@@ -55,18 +55,49 @@ def copy_sharing_layers(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn
 
 
 def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
-    """Replace every tensor of ``result`` still shared with the user's model by a deep copy (ties
-    inside ``result`` are kept: one copy per tensor)."""
+    """Replace every tensor of ``result`` still shared with the user's model by a deep copy, in the
+    parameter and buffer tables and wherever the copy holds it besides (``self.held = [layer.weight]``:
+    plain attributes, lists, dicts and tuples in them). Ties inside ``result`` are kept: one copy
+    per tensor."""
     if not shared:
         return
     copies: dict[int, torch.Tensor] = {}
+
+    def copy_of(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = _DeepCopy({}).copy(t)
+        return copies[id(t)]
+
+    seen: set[int] = set()
     for module in _modules(result):
         for store in (module._parameters, module._buffers):
             for key, t in store.items():
                 if id(t) in shared and shared[id(t)] is t:
-                    if id(t) not in copies:
-                        copies[id(t)] = _DeepCopy({}).copy(t)
-                    store[key] = copies[id(t)]  # type: ignore[assignment]  # a Parameter's deepcopy is one
+                    store[key] = copy_of(t)  # type: ignore[assignment]  # a Parameter's deepcopy is one
+        state = module.__dict__
+        for key, value in state.items():
+            if key not in _MODULE_TABLES:
+                state[key] = _held_copies(value, shared, copy_of, seen)
+
+
+_MODULE_TABLES = frozenset(nn.Module().__dict__)
+
+
+def _held_copies(value: Any, shared: dict[int, torch.Tensor], copy_of: Any, seen: set[int]) -> Any:
+    """``value`` with every tensor of ``shared`` in it replaced by ``copy_of(tensor)``: the lists and
+    dicts in it (copies made by the work copy) changed in place, tuples made anew."""
+    if isinstance(value, torch.Tensor):
+        return copy_of(value) if shared.get(id(value)) is value else value
+    if type(value) not in (list, dict, OrderedDict, tuple) or id(value) in seen:
+        return value
+    seen.add(id(value))
+    if type(value) is tuple:
+        items = tuple(_held_copies(v, shared, copy_of, seen) for v in value)
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    keys = range(len(value)) if type(value) is list else list(value)
+    for key in keys:
+        value[key] = _held_copies(value[key], shared, copy_of, seen)
+    return value
 
 
 def _modules(root: nn.Module) -> list[nn.Module]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from fxnorm import fold
 from fxnorm.folding.copies import copy_sharing_layers, unshare
 
 
@@ -141,3 +142,32 @@ def test_tensors_like_deepcopy():
     assert ours.held["p"] is ours.p and ours.held["tail"] is ours.tail
     model_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
     assert not model_ptrs & {t.untyped_storage().data_ptr() for t in ours.state_dict().values() if t.numel()}
+
+
+class _HoldsWeights(nn.Module):
+    """Keeps references to layer weights besides the layers (lists, dicts, tuples), as wrappers and
+    weight-tying helpers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+        self.held = [self.head.weight]
+        self.by_name = {"conv": self.conv.weight, "nested": [(self.head.bias, 1)]}
+        self.pair = (self.conv.bias, "label")
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_weights_held_besides_the_layers_are_copied_too():
+    model = _HoldsWeights().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    originals = {id(t) for t in model.parameters()}
+    folded = fold(model)
+    assert isinstance(folded.bn, nn.Identity)  # the conv took the norm: its old weight is held only in by_name
+    held = [folded.held[0], folded.by_name["conv"], folded.by_name["nested"][0][0], folded.pair[0]]
+    assert not {id(t) for t in held} & originals
+    assert folded.held[0] is folded.head.weight and folded.by_name["nested"][0][0] is folded.head.bias  # ties kept
+    assert torch.equal(folded.by_name["conv"], model.conv.weight) and torch.equal(folded.pair[0], model.conv.bias)
+    assert folded.by_name["conv"].untyped_storage().data_ptr() != model.conv.weight.untyped_storage().data_ptr()
+    assert folded.pair[1] == "label" and folded.by_name["nested"][0][1] == 1

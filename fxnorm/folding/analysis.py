@@ -82,13 +82,13 @@ def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object
     return id(call_module) if call_module is not None else id(node)
 
 
-def norm_calls(an: Analysis, graphs: dict[str, fx.Graph]) -> list[NormCall]:
-    """Every batch-norm-like call in ``graphs`` (the parts' graphs or working copies), graph order."""
+def norm_calls(an: Analysis) -> list[NormCall]:
+    """Every batch-norm-like call in the parts' graphs, graph order."""
     from ..graph.calls import bind_node, constant_value
 
     calls = []
     for prefix, gm in an.parts:
-        for node in graphs[prefix].nodes:
+        for node in gm.graph.nodes:
             found = node_norm_kind(gm, node)
             if found is None:
                 continue

@@ -1,7 +1,7 @@
 """The single decision of what folds where: :func:`plan_folds`, used by :func:`fxnorm.fold` (which
 acts on it) and :func:`fxnorm.find_norms` (which reports it), so inspection predicts the fold.
 
-The plan simulates the folds on copies of the traced graphs until nothing more folds (a fold can
+The plan simulates the folds in the traced graphs (undone after) until nothing more folds (a fold can
 enable another: conv -> bn -> bn), then checks what single call sites cannot see:
 
 - a norm called at several sites leaves the model only if every site folds (else it stays a norm,
@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,6 +41,7 @@ from ..graph.readers import why_opaque
 from ..graph.runtime import METADATA_FUNCTIONS, RunRecord, record_run
 from ..graph.tracing import traced_report
 from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
+from .bypasses import Bypasses
 from .constants import BNConstants, bn_constants
 from .forwards import trace_own_forward
 from .observed import OBSERVED, observed_call, observed_fold
@@ -104,26 +104,26 @@ class Plan:
         return [d for d in self.decisions if d.mode is not None]
 
 
-def _simulate(an: Analysis, bans: dict[int, str], layer_bans: dict[tuple[int, int], str]) -> list[Decision]:
-    """One pass: fold on copies of the graphs until nothing more folds, honouring the bans."""
-    graphs = {prefix: copy.deepcopy(gm.graph) for prefix, gm in an.parts}
-    calls = norm_calls(an, graphs)
+def _simulate(an: Analysis, calls: list[NormCall], bans: dict[int, str],
+              layer_bans: dict[tuple[int, int], str]) -> list[Decision]:
+    """One pass: fold until nothing more folds, honouring the bans. Each fold bypasses its norm in the
+    parts' graphs (the identity now), for the rules to see; the graphs are restored at the end."""
     decisions = {id(c): Decision(c) for c in calls}
     changed, step = True, 0
-    while changed:
-        changed = False
-        for call in calls:
-            decision = decisions[id(call)]
-            if decision.mode is not None:
-                continue
-            proposal = _propose(an, call, decision, bans, layer_bans)
-            if proposal is None:
-                continue
-            decision.take(proposal.mode, proposal.targets, step)
-            step += 1
-            call.node.replace_all_uses_with(call.input())  # type: ignore[arg-type]  # the norm is now the identity
-            graphs[call.prefix].erase_node(call.node)
-            changed = True
+    with Bypasses() as bypasses:
+        while changed:
+            changed = False
+            for call in calls:
+                decision = decisions[id(call)]
+                if decision.mode is not None:
+                    continue
+                proposal = _propose(an, call, decision, bans, layer_bans)
+                if proposal is None:
+                    continue
+                decision.take(proposal.mode, proposal.targets, step)
+                step += 1
+                bypasses.bypass(call.node, call.input())
+                changed = True
     return [decisions[id(c)] for c in calls]
 
 
@@ -293,9 +293,9 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
         run = record_run(model, example_inputs, watched=watched, producers=layers, norms=[m for _, m, _ in eager])
     bans: dict[int, str] = {}
     layer_bans: dict[tuple[int, int], str] = {}
-    sites = layer_sites(an)  # the parts' graphs do not change while planning
+    sites, calls = layer_sites(an), norm_calls(an)  # each simulation leaves the parts' graphs as they were
     while True:
-        decisions = _simulate(an, bans, layer_bans)
+        decisions = _simulate(an, calls, bans, layer_bans)
         new_bans = {**_identity_bans(decisions), **_owner_bans(an, plan, decisions)}
         new_layer_bans = _layer_bans(an, decisions, sites)
         if not new_bans and not new_layer_bans:

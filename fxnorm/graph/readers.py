@@ -230,14 +230,17 @@ def _referenced_modules(value: Any, depth: int = 0) -> list[nn.Module]:
     if isinstance(value, functools.partial):
         return [m for a in (value.func, *value.args, *value.keywords.values())
                 for m in _referenced_modules(a, depth + 1)]
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [m for v in value for m in _referenced_modules(v, depth + 1)]
+    if isinstance(value, (list, tuple, set, frozenset)):  # scalars skipped: most are tuples of ints
+        return [m for v in value if type(v) not in _SCALARS for m in _referenced_modules(v, depth + 1)]
     if isinstance(value, dict):
-        return [m for v in value.values() for m in _referenced_modules(v, depth + 1)]
+        return [m for v in value.values() if type(v) not in _SCALARS for m in _referenced_modules(v, depth + 1)]
     return []
 
 
 _SCALARS = frozenset({bool, int, float, str, type(None)})
+#: attributes of every module that hold its tree, its tensors or its hooks, never a hidden module
+_TREE_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "forward"})
+_HOOK_PREFIXES = ("_forward_", "_backward_", "_state_dict", "_load_")
 
 
 def hidden_references(model: nn.Module) -> dict[int, list[str]]:
@@ -260,8 +263,7 @@ def hidden_references(model: nn.Module) -> dict[int, list[str]]:
         for key, value in module.__dict__.items():
             if type(value) in _SCALARS:
                 continue  # holds no module (most of a module's attributes)
-            if key in ("_modules", "_parameters", "_buffers", "forward") or key.startswith("_forward_") \
-                    or key.startswith("_backward_") or key.startswith("_state_dict") or key.startswith("_load_"):
+            if key in _TREE_ATTRIBUTES or key.startswith(_HOOK_PREFIXES):
                 continue
             for held in _referenced_modules(value):
                 if held is not module:

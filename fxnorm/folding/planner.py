@@ -42,7 +42,7 @@ from ..graph.runtime import METADATA_FUNCTIONS, RunRecord, record_run
 from ..graph.tracing import traced_report
 from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
 from .bypasses import Bypasses
-from .constants import BNConstants, bn_constants
+from .constants import BNConstants, call_constants
 from .forwards import trace_own_forward
 from .observed import OBSERVED, observed_call, observed_fold
 from .neighbours import consumer_plan, producer_plan
@@ -130,9 +130,9 @@ def _simulate(an: Analysis, calls: list[NormCall], bans: dict[int, str],
 def _propose(an: Analysis, call: NormCall, decision: Decision, bans: dict[int, str],
              layer_bans: dict[tuple[int, int], str]) -> Proposal | None:
     if call.kind not in FOLDABLE_KINDS and call.kind != "batch_norm":
-        decision.reason = decision.reason or str(bn_constants(call.gm, call.node))
+        decision.reason = decision.reason or str(call_constants(call.gm, call.node, call.kind, call.module))
         return None
-    consts = bn_constants(call.gm, call.node)
+    consts = call_constants(call.gm, call.node, call.kind, call.module)
     if isinstance(consts, str):
         decision.reason = consts
         return None

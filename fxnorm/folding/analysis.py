@@ -16,11 +16,10 @@ from collections import defaultdict
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.calls import node_norm_kind, scope_name
+from ..graph.calls import bind_node, constant_value, node_norm_kind, qualified_name, scope_name, submodule, submodule_tables
 from ..graph.kinds import BN_KINDS
 from ..graph.readers import attribute_reads, global_hooks, hidden_references, module_names
 from ..graph.eager import EAGER_READS
-from ..graph.calls import qualified_name
 from ..graph.tracing import graph_parts, traced_report
 from .own_layers import own_call_owner, own_call_problem
 from .plan import Analysis, NormCall
@@ -84,27 +83,25 @@ def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object
 
 def norm_calls(an: Analysis) -> list[NormCall]:
     """Every batch-norm-like call in the parts' graphs, graph order."""
-    from ..graph.calls import bind_node, constant_value
-
     calls = []
-    for prefix, gm in an.parts:
-        for node in gm.graph.nodes:
-            found = node_norm_kind(gm, node)
-            if found is None:
-                continue
-            kind, module = found
-            if module is not None:
-                calls.append(NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None),
-                                      module=module))
-                continue
-            scope = scope_name(gm, node)
-            owner_path = str(node.meta.get("fxnorm_scope") or "")
-            try:
-                mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
-            except LookupError:
-                mean = None
-            calls.append(NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
-                                  owner=an.module_at(prefix, owner_path)))
+    with submodule_tables():
+        found_kinds = [(prefix, gm, node, node_norm_kind(gm, node)) for prefix, gm in an.parts for node in gm.graph.nodes]
+    for prefix, gm, node, found in found_kinds:
+        if found is None:
+            continue
+        kind, module = found
+        if module is not None:
+            calls.append(NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None),
+                                  module=module))
+            continue
+        scope = scope_name(gm, node)
+        owner_path = str(node.meta.get("fxnorm_scope") or "")
+        try:
+            mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
+        except LookupError:
+            mean = None
+        calls.append(NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
+                              owner=an.module_at(prefix, owner_path)))
     return calls
 
 
@@ -112,13 +109,11 @@ def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:
     """``call_module`` nodes of every part by module identity: ``id -> [(prefix, node name)]``; for a
     conv/linear subclass traced through, the layer-function calls its own forward made."""
     sites: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    for prefix, gm in an.parts:
-        modules = dict(gm.named_modules(remove_duplicate=False))  # faster than get_submodule per node
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                module = modules.get(str(node.target))
-                module = gm.get_submodule(str(node.target)) if module is None else module
-                sites[id(module)].append((prefix, node.name))
+    with submodule_tables():  # faster than get_submodule per node
+        for prefix, gm in an.parts:
+            for node in gm.graph.nodes:
+                if node.op == "call_module":
+                    sites[id(submodule(gm, node.target))].append((prefix, node.name))
     for module_id, calls in an.own_calls.items():
         sites[module_id].extend(calls)
     return dict(sites)

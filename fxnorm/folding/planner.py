@@ -35,6 +35,7 @@ from typing import Literal
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.calls import submodule_tables
 from ..graph.eager import eager_norms, eager_reason
 from ..graph.kinds import BN_KINDS, is_plain, known_base, layer_kind
 from ..graph.readers import why_opaque
@@ -278,11 +279,9 @@ def _unexpected_reads(an: Analysis, d: Decision, run: RunRecord) -> str | None:
 
 def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | None = None,
                allow_hooks: bool = False) -> Plan:
-    """Decide for every norm call of ``model`` (traced as ``traced``) where it folds or why not.
-
-    Long because it is the fixed point that ties the rules together: simulate, derive bans from what
-    single sites cannot see, simulate again until nothing changes (at most once per norm).
-    """
+    """Decide for every norm call of ``model`` (traced as ``traced``) where it folds or why not: the
+    analysis, the recorded run (a model traced part by part, with example inputs), the fixed point of
+    simulations and bans, then the norms no graph holds."""
     an = analyze(model, traced, allow_hooks=allow_hooks)
     plan = Plan(an)
     run = None
@@ -291,6 +290,19 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
         watched = [t for m in model.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         layers = [m for m in model.modules() if layer_kind(m) is not None and is_plain(m)]
         run = record_run(model, example_inputs, watched=watched, producers=layers, norms=[m for _, m, _ in eager])
+    with submodule_tables():  # the module trees do not change while planning
+        decisions = _fixed_point(an, plan, run)
+        plan.decisions = decisions + _observed(an, traced, eager, decisions, run)
+    plan.run = run
+    for d in plan.decisions:
+        if d.mode is None and d.reason is None:
+            d.reason = "cannot fold"
+    return plan
+
+
+def _fixed_point(an: Analysis, plan: Plan, run: RunRecord | None) -> list[Decision]:
+    """Simulate, derive bans from what single sites cannot see, simulate again until nothing changes
+    (at most once per norm)."""
     bans: dict[int, str] = {}
     layer_bans: dict[tuple[int, int], str] = {}
     sites, calls = layer_sites(an), norm_calls(an)  # each simulation leaves the parts' graphs as they were
@@ -306,12 +318,7 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
             break
         bans.update(new_bans)
         layer_bans.update(new_layer_bans)
-    plan.decisions = decisions + _observed(an, traced, eager, decisions, run)
-    plan.run = run
-    for d in plan.decisions:
-        if d.mode is None and d.reason is None:
-            d.reason = "cannot fold"
-    return plan
+    return decisions
 
 
 def _observed(an: Analysis, traced: nn.Module, eager: list[tuple[str, nn.Module, str]], decisions: list[Decision],

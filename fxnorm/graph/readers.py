@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as module_globals
 
+from .calls import submodule
 from .kinds import known_base, target_in
 
 __all__ = ["mutators", "aliases", "attribute_reads", "hidden_references", "why_opaque", "global_hooks",
@@ -167,7 +168,7 @@ def mutators(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
                 continue
             first = bool(user.args) and user.args[0] is alias
             if user.op == "call_module":
-                if _module_may_write(gm.get_submodule(str(user.target))):
+                if _module_may_write(submodule(gm, user.target)):
                     found.append(user)
             elif _is_inplace_call(user) and (first or "out" in user.kwargs):
                 found.append(user)

@@ -239,9 +239,12 @@ def _referenced_modules(value: Any, depth: int = 0) -> list[nn.Module]:
 
 
 _SCALARS = frozenset({bool, int, float, str, type(None)})
-#: attributes of every module that hold its tree, its tensors or its hooks, never a hidden module
+#: module attributes that hold its tree, its tensors, a forward replaced on the instance or (by prefix)
+#: hooks: not where a module is hidden
 _TREE_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "forward"})
 _HOOK_PREFIXES = ("_forward_", "_backward_", "_state_dict", "_load_")
+#: the ones every module has (tested first: one set lookup)
+_SKIPPED_ALWAYS = frozenset(k for k in vars(nn.Module()) if k in _TREE_ATTRIBUTES or k.startswith(_HOOK_PREFIXES))
 
 
 def hidden_references(model: nn.Module) -> dict[int, list[str]]:
@@ -262,7 +265,7 @@ def hidden_references(model: nn.Module) -> dict[int, list[str]]:
     found: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         for key, value in module.__dict__.items():
-            if type(value) in _SCALARS:
+            if key in _SKIPPED_ALWAYS or type(value) in _SCALARS:
                 continue  # holds no module (most of a module's attributes)
             if key in _TREE_ATTRIBUTES or key.startswith(_HOOK_PREFIXES):
                 continue

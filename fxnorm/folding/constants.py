@@ -48,6 +48,7 @@ class BNConstants:
         return int(self.running_mean.numel())
 
 
+@torch.no_grad()  # its sums become Python numbers: no graph, no warning about parameters that need grad
 def health_problem(consts: BNConstants) -> str | None:
     """Why constants cannot be folded (NaN/Inf, ``running_var + eps <= 0``, mismatched lengths), or
     None. Tensors on the ``meta`` device hold no values: they are not checked.
@@ -95,7 +96,7 @@ def module_constants(module: nn.Module, kind: str) -> BNConstants | str:
     """The constants of a batch-norm *module* of ``kind`` (health not checked), or why it has none."""
     if not is_plain(module):
         return f"{type(module).__name__} overrides forward(): fxnorm cannot tell what it computes"
-    if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+    if any(t is not None and is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
         return "uninitialized lazy module: run one forward before folding"
     if kind not in BN_KINDS and not kind.startswith("InstanceNorm"):
         return f"{kind} normalizes each input with its own statistics; only its affine part can fold"

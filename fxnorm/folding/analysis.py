@@ -35,18 +35,28 @@ def _reads(model: nn.Module, parts: list[tuple[str, fx.GraphModule]],
     """Every read of a module attribute: ``get_attr`` nodes (resolved against the model's own
     modules) and computations the tracer ran eagerly on a tensor (described as text)."""
     reads: dict[tuple[int, str], list] = defaultdict(list)
+    owners: dict[int, list[tuple[int, str]]] | None = None  # made when a part computed eagerly
+    for prefix, gm in parts:
+        for key, nodes in attribute_reads([(prefix, gm)], roots).items():
+            reads[key].extend(nodes)
+        eager = gm.meta.get(EAGER_READS, {})
+        if not eager:
+            continue
+        owners = _tensor_owners(model) if owners is None else owners
+        for tensor_id, functions in eager.items():
+            for key in owners.get(tensor_id, ()):
+                reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")
+    return dict(reads)
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """``id(tensor) -> [(id(module), attribute)]``: where each parameter and buffer is registered."""
     owners: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for module in model.modules():
         for attr, t in (*module._parameters.items(), *module._buffers.items()):
             if t is not None:
                 owners[id(t)].append((id(module), attr))
-    for prefix, gm in parts:
-        for key, nodes in attribute_reads([(prefix, gm)], roots).items():
-            reads[key].extend(nodes)
-        for tensor_id, functions in gm.meta.get(EAGER_READS, {}).items():
-            for key in owners.get(tensor_id, ()):
-                reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")
-    return dict(reads)
+    return owners
 
 
 def analyze(model: nn.Module, traced: nn.Module, *, allow_hooks: bool = False) -> Analysis:

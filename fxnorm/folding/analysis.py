@@ -16,7 +16,8 @@ from collections import defaultdict
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.calls import bind_node, constant_value, node_norm_kind, qualified_name, scope_name, submodule, submodule_tables
+from ..graph.calls import (bind_node, constant_value, node_norm_kind, qualified_name, scope_name, submodule,
+                           submodule_tables)
 from ..graph.kinds import BN_KINDS
 from ..graph.readers import attribute_reads, global_hooks, hidden_references, module_names
 from ..graph.eager import EAGER_READS
@@ -94,25 +95,27 @@ def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object
 def norm_calls(an: Analysis) -> list[NormCall]:
     """Every batch-norm-like call in the parts' graphs, graph order."""
     calls = []
-    with submodule_tables():
-        found_kinds = [(prefix, gm, node, node_norm_kind(gm, node)) for prefix, gm in an.parts for node in gm.graph.nodes]
-    for prefix, gm, node, found in found_kinds:
-        if found is None:
-            continue
-        kind, module = found
-        if module is not None:
-            calls.append(NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None),
-                                  module=module))
-            continue
-        scope = scope_name(gm, node)
-        owner_path = str(node.meta.get("fxnorm_scope") or "")
-        try:
-            mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
-        except LookupError:
-            mean = None
-        calls.append(NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
-                              owner=an.module_at(prefix, owner_path)))
+    with submodule_tables():  # faster than get_submodule per node
+        for prefix, gm in an.parts:
+            for node in gm.graph.nodes:
+                found = node_norm_kind(gm, node)
+                if found is not None:
+                    calls.append(_norm_call(an, prefix, gm, node, *found))
     return calls
+
+
+def _norm_call(an: Analysis, prefix: str, gm: fx.GraphModule, node: fx.Node, kind: str,
+               module: nn.Module | None) -> NormCall:
+    if module is not None:
+        return NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None), module=module)
+    scope = scope_name(gm, node)
+    owner_path = str(node.meta.get("fxnorm_scope") or "")
+    try:
+        mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
+    except LookupError:
+        mean = None
+    return NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
+                    owner=an.module_at(prefix, owner_path))
 
 
 def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:

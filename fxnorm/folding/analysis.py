@@ -16,11 +16,11 @@ from collections import defaultdict
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.calls import node_norm_kind, scope_name
+from ..graph.calls import (bind_node, constant_value, node_norm_kind, qualified_name, scope_name, submodule,
+                           submodule_tables)
 from ..graph.kinds import BN_KINDS
 from ..graph.readers import attribute_reads, global_hooks, hidden_references, module_names
 from ..graph.eager import EAGER_READS
-from ..graph.calls import qualified_name
 from ..graph.tracing import graph_parts, traced_report
 from .own_layers import own_call_owner, own_call_problem
 from .plan import Analysis, NormCall
@@ -36,18 +36,28 @@ def _reads(model: nn.Module, parts: list[tuple[str, fx.GraphModule]],
     """Every read of a module attribute: ``get_attr`` nodes (resolved against the model's own
     modules) and computations the tracer ran eagerly on a tensor (described as text)."""
     reads: dict[tuple[int, str], list] = defaultdict(list)
+    owners: dict[int, list[tuple[int, str]]] | None = None  # made when a part computed eagerly
+    for prefix, gm in parts:
+        for key, nodes in attribute_reads([(prefix, gm)], roots).items():
+            reads[key].extend(nodes)
+        eager = gm.meta.get(EAGER_READS, {})
+        if not eager:
+            continue
+        owners = _tensor_owners(model) if owners is None else owners
+        for tensor_id, functions in eager.items():
+            for key in owners.get(tensor_id, ()):
+                reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")
+    return dict(reads)
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """``id(tensor) -> [(id(module), attribute)]``: where each parameter and buffer is registered."""
     owners: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for module in model.modules():
         for attr, t in (*module._parameters.items(), *module._buffers.items()):
             if t is not None:
                 owners[id(t)].append((id(module), attr))
-    for prefix, gm in parts:
-        for key, nodes in attribute_reads([(prefix, gm)], roots).items():
-            reads[key].extend(nodes)
-        for tensor_id, functions in gm.meta.get(EAGER_READS, {}).items():
-            for key in owners.get(tensor_id, ()):
-                reads[key].append(f"{functions[0]}() computed while tracing {prefix or 'the model'}")
-    return dict(reads)
+    return owners
 
 
 def analyze(model: nn.Module, traced: nn.Module, *, allow_hooks: bool = False) -> Analysis:
@@ -82,43 +92,41 @@ def _identity(call_module: nn.Module | None, node: fx.Node, running_mean: object
     return id(call_module) if call_module is not None else id(node)
 
 
-def norm_calls(an: Analysis, graphs: dict[str, fx.Graph]) -> list[NormCall]:
-    """Every batch-norm-like call in ``graphs`` (the parts' graphs or working copies), graph order."""
-    from ..graph.calls import bind_node, constant_value
-
+def norm_calls(an: Analysis) -> list[NormCall]:
+    """Every batch-norm-like call in the parts' graphs, graph order."""
     calls = []
-    for prefix, gm in an.parts:
-        for node in graphs[prefix].nodes:
-            found = node_norm_kind(gm, node)
-            if found is None:
-                continue
-            kind, module = found
-            if module is not None:
-                calls.append(NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None),
-                                      module=module))
-                continue
-            scope = scope_name(gm, node)
-            owner_path = str(node.meta.get("fxnorm_scope") or "")
-            try:
-                mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
-            except LookupError:
-                mean = None
-            calls.append(NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
-                                  owner=an.module_at(prefix, owner_path)))
+    with submodule_tables():  # faster than get_submodule per node
+        for prefix, gm in an.parts:
+            for node in gm.graph.nodes:
+                found = node_norm_kind(gm, node)
+                if found is not None:
+                    calls.append(_norm_call(an, prefix, gm, node, *found))
     return calls
+
+
+def _norm_call(an: Analysis, prefix: str, gm: fx.GraphModule, node: fx.Node, kind: str,
+               module: nn.Module | None) -> NormCall:
+    if module is not None:
+        return NormCall(prefix, gm, node, kind, an.name_of(module), _identity(module, node, None), module=module)
+    scope = scope_name(gm, node)
+    owner_path = str(node.meta.get("fxnorm_scope") or "")
+    try:
+        mean = constant_value(gm, (bind_node(node) or {}).get("running_mean"))
+    except LookupError:
+        mean = None
+    return NormCall(prefix, gm, node, kind, qualified_name(prefix, scope), _identity(None, node, mean),
+                    owner=an.module_at(prefix, owner_path))
 
 
 def layer_sites(an: Analysis) -> dict[int, list[tuple[str, str]]]:
     """``call_module`` nodes of every part by module identity: ``id -> [(prefix, node name)]``; for a
     conv/linear subclass traced through, the layer-function calls its own forward made."""
     sites: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    for prefix, gm in an.parts:
-        modules = dict(gm.named_modules(remove_duplicate=False))  # faster than get_submodule per node
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                module = modules.get(str(node.target))
-                module = gm.get_submodule(str(node.target)) if module is None else module
-                sites[id(module)].append((prefix, node.name))
+    with submodule_tables():  # faster than get_submodule per node
+        for prefix, gm in an.parts:
+            for node in gm.graph.nodes:
+                if node.op == "call_module":
+                    sites[id(submodule(gm, node.target))].append((prefix, node.name))
     for module_id, calls in an.own_calls.items():
         sites[module_id].extend(calls)
     return dict(sites)

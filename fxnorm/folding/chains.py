@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.calls import submodule
 from ..graph.kinds import target_in
 from ..graph.readers import value_users
 from ..graph.shapes import rank_of
@@ -78,7 +79,7 @@ def op_call(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple, dict] | None
     if node.op == "call_function" and target_in(node.target, _FUNCTIONS):
         return _FUNCTIONS[node.target], tuple(node.args[1:]), dict(node.kwargs)
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, node.target)
         if type(module) is nn.Flatten:
             return "flatten", (module.start_dim, module.end_dim), {}
         if type(module) is nn.Unflatten:

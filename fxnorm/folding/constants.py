@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ from torch.nn.parameter import is_lazy
 from ..graph.calls import bind_node, constant_value, describe_target, node_norm_kind
 from ..graph.kinds import BN_KINDS, has_running_stats, is_plain
 
-__all__ = ["BNConstants", "bn_constants", "module_constants", "health_problem", "channel_dims", "MAX_RANK"]
+__all__ = ["BNConstants", "bn_constants", "call_constants", "module_constants", "health_problem", "channel_dims",
+           "MAX_RANK"]
 
 #: ranks considered for norms that accept "any rank >= 2"
 MAX_RANK = 6
@@ -46,6 +48,7 @@ class BNConstants:
         return int(self.running_mean.numel())
 
 
+@torch.no_grad()  # its sums become Python numbers: no graph, no warning about parameters that need grad
 def health_problem(consts: BNConstants) -> str | None:
     """Why constants cannot be folded (NaN/Inf, ``running_var + eps <= 0``, mismatched lengths), or
     None. Tensors on the ``meta`` device hold no values: they are not checked.
@@ -56,29 +59,44 @@ def health_problem(consts: BNConstants) -> str | None:
     """
     tensors = [consts.running_mean, consts.running_var, consts.weight, consts.bias]
     n = consts.num_features
-    for label, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
+    for label, t in zip(_LABELS, tensors):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() != n or t.dim() != 1:
             return f"its {label} is not a float vector of {n} values"
-    if any(t is not None and t.is_meta for t in tensors):
+    present = [t for t in tensors if t is not None]
+    if any(t.is_meta for t in present):
         return None
-    for label, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return f"NaN/Inf in its {label}: recalibrate or fix the statistics before folding"
+    if not _all_finite(present):
+        for label, t in zip(_LABELS, tensors):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return f"NaN/Inf in its {label}: recalibrate or fix the statistics before folding"
     if not consts.eps >= 0:
         return f"eps is {consts.eps}"
-    bad = int((consts.running_var.double() + consts.eps <= 0).sum())
-    if bad:
+    # v + eps <= 0 for some v exactly when it holds for the smallest (rounding keeps the order)
+    if n and float(consts.running_var.min()) + consts.eps <= 0:
+        bad = int((consts.running_var.double() + consts.eps <= 0).sum())
         return f"running_var + eps is not positive in {bad} channel(s)"
     return None
+
+
+_LABELS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` (float vectors) is finite, in a few ops: their sum is finite
+    only then (a NaN or Inf makes it NaN or Inf); when it is not (or it cannot be taken in one go),
+    each tensor is checked, as the sum of finite values may overflow."""
+    if len({(t.dtype, t.device) for t in tensors}) == 1 and math.isfinite(float(torch.cat(tensors).sum())):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def module_constants(module: nn.Module, kind: str) -> BNConstants | str:
     """The constants of a batch-norm *module* of ``kind`` (health not checked), or why it has none."""
     if not is_plain(module):
         return f"{type(module).__name__} overrides forward(): fxnorm cannot tell what it computes"
-    if any(is_lazy(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+    if any(t is not None and is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
         return "uninitialized lazy module: run one forward before folding"
     if kind not in BN_KINDS and not kind.startswith("InstanceNorm"):
         return f"{kind} normalizes each input with its own statistics; only its affine part can fold"
@@ -120,7 +138,12 @@ def bn_constants(gm: fx.GraphModule, node: fx.Node) -> BNConstants | str:
     found = node_norm_kind(gm, node)
     if found is None:
         return "not a normalization layer"
-    kind, module = found
+    return call_constants(gm, node, *found)
+
+
+def call_constants(gm: fx.GraphModule, node: fx.Node, kind: str, module: nn.Module | None) -> BNConstants | str:
+    """:func:`bn_constants` of a norm call whose kind and module (None: a functional call) are known
+    (:func:`~fxnorm.graph.calls.node_norm_kind`)."""
     if module is not None:
         consts = module_constants(module, kind)
     elif kind != "batch_norm":

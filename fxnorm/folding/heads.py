@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.calls import submodule
 from ..graph.kinds import target_in
 from ..graph.readers import value_users
 from ..graph.shapes import rank_of
@@ -49,7 +50,7 @@ def _pool(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int, bool] | str | No
     """``(description, spatial dims, needs positive scales)`` of a pooling op that commutes with a
     per-channel affine map, why one does not, or None when ``node`` does not pool."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, node.target)
         if type(module) not in POOLS:
             return None
         cls = type(module).__name__

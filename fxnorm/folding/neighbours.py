@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.calls import describe
+from ..graph.calls import describe, submodule
 from ..graph.kinds import is_plain, layer_kind
 from ..graph.readers import mutators, value_users, why_opaque
 from ..graph.shapes import rank_of
@@ -65,7 +65,7 @@ def layer_at(an: Analysis, call: NormCall, node: fx.Node, role: str, transposed_
             return (owner, str(layer_kind(owner))) if why is None else f"producer {name}: {why}"
     if node.op != "call_module":
         return f"{role} {describe(gm, node)} is not a {what}"
-    layer = gm.get_submodule(str(node.target))
+    layer = submodule(gm, node.target)
     kind = layer_kind(layer)
     if kind is None or (not transposed_ok and kind.startswith("ConvTranspose")):
         return f"{role} {describe(gm, node)} is not a {what}"
@@ -88,7 +88,7 @@ def _chain_problem(an: Analysis, call: NormCall, chain: list[fx.Node]) -> str | 
     """Why a module between the norm and its layer (``nn.Flatten``, a pooling module) stops the fold."""
     for node in chain:
         if node.op == "call_module":
-            module = call.gm.get_submodule(str(node.target))
+            module = submodule(call.gm, node.target)
             why = why_opaque(module, allow_hooks=an.allow_hooks)
             if why is None and id(module) in an.hidden:
                 why = f"it is also held outside the module tree ({', '.join(an.hidden[id(module)][:3])})"

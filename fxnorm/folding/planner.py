@@ -1,7 +1,7 @@
 """The single decision of what folds where: :func:`plan_folds`, used by :func:`fxnorm.fold` (which
 acts on it) and :func:`fxnorm.find_norms` (which reports it), so inspection predicts the fold.
 
-The plan simulates the folds on copies of the traced graphs until nothing more folds (a fold can
+The plan simulates the folds in the traced graphs (undone after) until nothing more folds (a fold can
 enable another: conv -> bn -> bn), then checks what single call sites cannot see:
 
 - a norm called at several sites leaves the model only if every site folds (else it stays a norm,
@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,13 +35,15 @@ from typing import Literal
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.calls import submodule_tables
 from ..graph.eager import eager_norms, eager_reason
 from ..graph.kinds import BN_KINDS, is_plain, known_base, layer_kind
 from ..graph.readers import why_opaque
 from ..graph.runtime import METADATA_FUNCTIONS, RunRecord, record_run
 from ..graph.tracing import traced_report
 from .analysis import FOLDABLE_KINDS, analyze, layer_sites, norm_calls
-from .constants import BNConstants, bn_constants
+from .bypasses import Bypasses
+from .constants import BNConstants, call_constants
 from .forwards import trace_own_forward
 from .observed import OBSERVED, observed_call, observed_fold
 from .neighbours import consumer_plan, producer_plan
@@ -104,35 +105,35 @@ class Plan:
         return [d for d in self.decisions if d.mode is not None]
 
 
-def _simulate(an: Analysis, bans: dict[int, str], layer_bans: dict[tuple[int, int], str]) -> list[Decision]:
-    """One pass: fold on copies of the graphs until nothing more folds, honouring the bans."""
-    graphs = {prefix: copy.deepcopy(gm.graph) for prefix, gm in an.parts}
-    calls = norm_calls(an, graphs)
+def _simulate(an: Analysis, calls: list[NormCall], bans: dict[int, str],
+              layer_bans: dict[tuple[int, int], str]) -> list[Decision]:
+    """One pass: fold until nothing more folds, honouring the bans. Each fold bypasses its norm in the
+    parts' graphs (the identity now), for the rules to see; the graphs are restored at the end."""
     decisions = {id(c): Decision(c) for c in calls}
     changed, step = True, 0
-    while changed:
-        changed = False
-        for call in calls:
-            decision = decisions[id(call)]
-            if decision.mode is not None:
-                continue
-            proposal = _propose(an, call, decision, bans, layer_bans)
-            if proposal is None:
-                continue
-            decision.take(proposal.mode, proposal.targets, step)
-            step += 1
-            call.node.replace_all_uses_with(call.input())  # type: ignore[arg-type]  # the norm is now the identity
-            graphs[call.prefix].erase_node(call.node)
-            changed = True
+    with Bypasses() as bypasses:
+        while changed:
+            changed = False
+            for call in calls:
+                decision = decisions[id(call)]
+                if decision.mode is not None:
+                    continue
+                proposal = _propose(an, call, decision, bans, layer_bans)
+                if proposal is None:
+                    continue
+                decision.take(proposal.mode, proposal.targets, step)
+                step += 1
+                bypasses.bypass(call.node, call.input())
+                changed = True
     return [decisions[id(c)] for c in calls]
 
 
 def _propose(an: Analysis, call: NormCall, decision: Decision, bans: dict[int, str],
              layer_bans: dict[tuple[int, int], str]) -> Proposal | None:
     if call.kind not in FOLDABLE_KINDS and call.kind != "batch_norm":
-        decision.reason = decision.reason or str(bn_constants(call.gm, call.node))
+        decision.reason = decision.reason or str(call_constants(call.gm, call.node, call.kind, call.module))
         return None
-    consts = bn_constants(call.gm, call.node)
+    consts = call_constants(call.gm, call.node, call.kind, call.module)
     if isinstance(consts, str):
         decision.reason = consts
         return None
@@ -278,11 +279,9 @@ def _unexpected_reads(an: Analysis, d: Decision, run: RunRecord) -> str | None:
 
 def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | None = None,
                allow_hooks: bool = False) -> Plan:
-    """Decide for every norm call of ``model`` (traced as ``traced``) where it folds or why not.
-
-    Long because it is the fixed point that ties the rules together: simulate, derive bans from what
-    single sites cannot see, simulate again until nothing changes (at most once per norm).
-    """
+    """Decide for every norm call of ``model`` (traced as ``traced``) where it folds or why not: the
+    analysis, the recorded run (a model traced part by part, with example inputs), the fixed point of
+    simulations and bans, then the norms no graph holds."""
     an = analyze(model, traced, allow_hooks=allow_hooks)
     plan = Plan(an)
     run = None
@@ -291,11 +290,24 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
         watched = [t for m in model.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         layers = [m for m in model.modules() if layer_kind(m) is not None and is_plain(m)]
         run = record_run(model, example_inputs, watched=watched, producers=layers, norms=[m for _, m, _ in eager])
+    with submodule_tables():  # the module trees do not change while planning
+        decisions = _fixed_point(an, plan, run)
+        plan.decisions = decisions + _observed(an, traced, eager, decisions, run)
+    plan.run = run
+    for d in plan.decisions:
+        if d.mode is None and d.reason is None:
+            d.reason = "cannot fold"
+    return plan
+
+
+def _fixed_point(an: Analysis, plan: Plan, run: RunRecord | None) -> list[Decision]:
+    """Simulate, derive bans from what single sites cannot see, simulate again until nothing changes
+    (at most once per norm)."""
     bans: dict[int, str] = {}
     layer_bans: dict[tuple[int, int], str] = {}
-    sites = layer_sites(an)  # the parts' graphs do not change while planning
+    sites, calls = layer_sites(an), norm_calls(an)  # each simulation leaves the parts' graphs as they were
     while True:
-        decisions = _simulate(an, bans, layer_bans)
+        decisions = _simulate(an, calls, bans, layer_bans)
         new_bans = {**_identity_bans(decisions), **_owner_bans(an, plan, decisions)}
         new_layer_bans = _layer_bans(an, decisions, sites)
         if not new_bans and not new_layer_bans:
@@ -306,12 +318,7 @@ def plan_folds(model: nn.Module, traced: nn.Module, *, example_inputs: tuple | N
             break
         bans.update(new_bans)
         layer_bans.update(new_layer_bans)
-    plan.decisions = decisions + _observed(an, traced, eager, decisions, run)
-    plan.run = run
-    for d in plan.decisions:
-        if d.mode is None and d.reason is None:
-            d.reason = "cannot fold"
-    return plan
+    return decisions
 
 
 def _observed(an: Analysis, traced: nn.Module, eager: list[tuple[str, nn.Module, str]], decisions: list[Decision],

@@ -18,7 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +41,8 @@ __all__ = [
     "replace_argument",
     "describe_target",
     "node_norm_kind",
+    "submodule",
+    "submodule_tables",
     "call_sites",
     "describe",
     "constant_value",
@@ -221,6 +226,46 @@ def describe_target(target: Any) -> str:
     return str(getattr(target, "__name__", target))
 
 
+#: while :func:`submodule_tables` is active: each graph module's submodules by qualified name
+_TABLES: ContextVar[dict[nn.Module, dict[str, nn.Module]] | None] = ContextVar("fxnorm_submodule_tables", default=None)
+
+
+@contextlib.contextmanager
+def submodule_tables() -> Iterator[None]:
+    """Within the block, :func:`submodule` finds a module's submodules in a table made once, by one
+    ``named_modules`` walk: for a pass that looks up the modules of many nodes while none is added,
+    removed or replaced. Inside an active block it keeps that block's tables.
+
+    Example:
+        >>> relu = nn.ReLU()
+        >>> gm = fx.symbolic_trace(nn.Sequential(relu))
+        >>> with submodule_tables():
+        ...     submodule(gm, "0") is relu
+        True
+    """
+    if _TABLES.get() is not None:
+        yield
+        return
+    token = _TABLES.set({})
+    try:
+        yield
+    finally:
+        _TABLES.reset(token)
+
+
+def submodule(gm: nn.Module, target: Any) -> nn.Module:
+    """The module ``gm`` holds at ``target`` (a ``call_module`` node's): ``gm.get_submodule(str(target))``,
+    from a table inside :func:`submodule_tables`."""
+    tables = _TABLES.get()
+    if tables is None:
+        return gm.get_submodule(str(target))
+    table = tables.get(gm)
+    if table is None:
+        table = tables[gm] = dict(gm.named_modules(remove_duplicate=False))
+    found = table.get(str(target))
+    return gm.get_submodule(str(target)) if found is None else found
+
+
 def node_norm_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None] | None:
     """The norm kind of a graph node and its module (None for functional norms), or None.
 
@@ -230,7 +275,7 @@ def node_norm_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | 
         [False, True, False]
     """
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, node.target)
         kind = norm_kind(module)
         return (kind, module) if kind is not None else None
     if node.op == "call_function":
@@ -251,7 +296,7 @@ def call_sites(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     sites: dict[int, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            sites[id(gm.get_submodule(str(node.target)))].append(node)
+            sites[id(submodule(gm, node.target))].append(node)
     return sites
 
 
@@ -264,7 +309,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
         ['the model input input_1', '_0 (ReLU)', 'the graph output']
     """
     if node.op == "call_module":
-        return f"{node.name} ({type(gm.get_submodule(str(node.target))).__name__})"
+        return f"{node.name} ({type(submodule(gm, node.target)).__name__})"
     if node.op == "call_function":
         mod = getattr(node.target, "__module__", None) or ""
         short = "torch" if mod.startswith("torch") and not mod.startswith("torch.nn") else mod.split(".")[-1]

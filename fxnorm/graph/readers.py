@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as module_globals
 
+from .calls import submodule
 from .kinds import known_base, target_in
 
 __all__ = ["mutators", "aliases", "attribute_reads", "hidden_references", "why_opaque", "global_hooks",
@@ -167,7 +168,7 @@ def mutators(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
                 continue
             first = bool(user.args) and user.args[0] is alias
             if user.op == "call_module":
-                if _module_may_write(gm.get_submodule(str(user.target))):
+                if _module_may_write(submodule(gm, user.target)):
                     found.append(user)
             elif _is_inplace_call(user) and (first or "out" in user.kwargs):
                 found.append(user)
@@ -230,14 +231,20 @@ def _referenced_modules(value: Any, depth: int = 0) -> list[nn.Module]:
     if isinstance(value, functools.partial):
         return [m for a in (value.func, *value.args, *value.keywords.values())
                 for m in _referenced_modules(a, depth + 1)]
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [m for v in value for m in _referenced_modules(v, depth + 1)]
+    if isinstance(value, (list, tuple, set, frozenset)):  # scalars skipped: most are tuples of ints
+        return [m for v in value if type(v) not in _SCALARS for m in _referenced_modules(v, depth + 1)]
     if isinstance(value, dict):
-        return [m for v in value.values() for m in _referenced_modules(v, depth + 1)]
+        return [m for v in value.values() if type(v) not in _SCALARS for m in _referenced_modules(v, depth + 1)]
     return []
 
 
 _SCALARS = frozenset({bool, int, float, str, type(None)})
+#: module attributes that hold its tree, its tensors, a forward replaced on the instance or (by prefix)
+#: hooks: not where a module is hidden
+_TREE_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "forward"})
+_HOOK_PREFIXES = ("_forward_", "_backward_", "_state_dict", "_load_")
+#: the ones every module has (tested first: one set lookup)
+_SKIPPED_ALWAYS = frozenset(k for k in vars(nn.Module()) if k in _TREE_ATTRIBUTES or k.startswith(_HOOK_PREFIXES))
 
 
 def hidden_references(model: nn.Module) -> dict[int, list[str]]:
@@ -258,10 +265,9 @@ def hidden_references(model: nn.Module) -> dict[int, list[str]]:
     found: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         for key, value in module.__dict__.items():
-            if type(value) in _SCALARS:
+            if key in _SKIPPED_ALWAYS or type(value) in _SCALARS:
                 continue  # holds no module (most of a module's attributes)
-            if key in ("_modules", "_parameters", "_buffers", "forward") or key.startswith("_forward_") \
-                    or key.startswith("_backward_") or key.startswith("_state_dict") or key.startswith("_load_"):
+            if key in _TREE_ATTRIBUTES or key.startswith(_HOOK_PREFIXES):
                 continue
             for held in _referenced_modules(value):
                 if held is not module:

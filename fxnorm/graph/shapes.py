@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import FxNormError
+from .calls import submodule
 from .kinds import is_plain, layer_kind, norm_kind, target_in
 from .tracing import graph_parts
 
@@ -259,7 +260,7 @@ def rank_of(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
         return checked
     first = node.args[0] if node.args else None
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, node.target)
         kind = norm_kind(module) if is_plain(module) else None
         if kind in _CHECKED_RANK:
             return _CHECKED_RANK[kind]
@@ -300,7 +301,7 @@ def _checked_by_a_user(gm: fx.GraphModule, node: fx.Node) -> int | None:
     reads it (the model would raise otherwise)."""
     for user in node.users:
         if user.op == "call_module" and user.args and user.args[0] is node:
-            module = gm.get_submodule(str(user.target))
+            module = submodule(gm, user.target)
             kind = norm_kind(module) if is_plain(module) else None
             if kind in _CHECKED_RANK:
                 return _CHECKED_RANK[kind]

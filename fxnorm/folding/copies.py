@@ -75,9 +75,15 @@ def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
                 if id(t) in shared and shared[id(t)] is t:
                     store[key] = copy_of(t)  # type: ignore[assignment]  # a Parameter's deepcopy is one
         state = module.__dict__
-        for key, value in state.items():
-            if key not in _MODULE_TABLES:
-                state[key] = _held_copies(value, shared, copy_of, seen)
+        for key in state.keys() - _MODULE_TABLES:
+            value = state[key]
+            if type(value) in _ATOMIC:
+                continue  # most of a module's attributes hold no tensor
+            if type(value) in (tuple, list) and all(type(v) in _ATOMIC for v in value):
+                continue  # kernel_size, padding...
+            held = _held_copies(value, shared, copy_of, seen)
+            if held is not value:
+                state[key] = held
 
 
 _MODULE_TABLES = frozenset(nn.Module().__dict__)

@@ -50,11 +50,12 @@ __all__ = ["BENCHMARKS", "load_results", "render_page", "write_plots", "run_benc
 
 #: name -> (JSON file in results/, command that writes it; ``{json}`` is replaced by the path).
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "fold": ("fold.json", [PY, "examples/benchmarks/bench_fold.py", "--json", "{json}"]),
+    "fold": ("fold.json", [PY, "examples/benchmarks/bench_fold.py", "--threads", "1", "--repeats", "20", "--json",
+                           "{json}"]),
     "coverage": ("coverage.json", [PY, "examples/benchmarks/bench_fold.py", "--coverage", "--json", "{json}"]),
     "designs": ("designs.json", [PY, "examples/benchmarks/bench_designs.py", "--threads", "1", "--json", "{json}"]),
     "fold_detection": ("fold_detection.json", [PY, "examples/benchmarks/bench_fold.py", "--detection", "--threads",
-                                               "1", "--json", "{json}"]),
+                                               "1", "--repeats", "11", "--json", "{json}"]),
     "recalibrate": ("recalibrate.json",
                     [PY, "examples/benchmarks/bench_recalibrate.py", "--threads", "1", "--json", "{json}"]),
     "scale": ("scale.json", [PY, "examples/benchmarks/bench_scale.py", "--threads", "1", "--json", "{json}"]),

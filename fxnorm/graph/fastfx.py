@@ -154,7 +154,9 @@ def module_patches_hoisted() -> Iterator[None]:
     what torch's tracer patched in, or the originals, and the tracer's patches of them change only
     the dispatchers' targets: tracing many parts sets attributes of ``nn.Module`` four times in all
     instead of six times per part. Everything is put back after the block. (On torch versions whose
-    tracer patches differently, nothing changes.)
+    tracer patches differently, nothing changes.) Like torch's own patching this is process-wide:
+    modules called by another thread during the block go through the dispatchers, which call the
+    originals whenever no trace is running.
 
     Example:
         >>> import torch, torch.nn as nn

@@ -47,6 +47,8 @@ __all__ = [
 LeafSpec = Union[type, str, nn.Module]
 #: The ``leaf_modules`` argument of every fxnorm function that traces.
 LeafModules = Iterable[LeafSpec]
+
+
 @dataclass
 class UntracedPart:
     """A module that stays eager, with why the tracer refused it."""

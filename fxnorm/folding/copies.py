@@ -35,6 +35,7 @@ from torch.nn.parameter import is_lazy
 from torch.overrides import has_torch_function_unary
 
 from ..graph.kinds import layer_kind
+from ..graph.readers import MODULE_OWN_ATTRIBUTES
 
 __all__ = ["copy_sharing_layers", "unshare"]
 
@@ -75,7 +76,7 @@ def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
                 if id(t) in shared and shared[id(t)] is t:
                     store[key] = copy_of(t)  # type: ignore[assignment]  # a Parameter's deepcopy is one
         state = module.__dict__
-        for key in state.keys() - _MODULE_TABLES:
+        for key in state.keys() - MODULE_OWN_ATTRIBUTES:
             value = state[key]
             if type(value) in _ATOMIC:
                 continue  # most of a module's attributes hold no tensor
@@ -85,8 +86,6 @@ def unshare(result: nn.Module, shared: dict[int, torch.Tensor]) -> None:
             if held is not value:
                 state[key] = held
 
-
-_MODULE_TABLES = frozenset(nn.Module().__dict__)
 
 
 def _held_copies(value: Any, shared: dict[int, torch.Tensor], copy_of: Any, seen: set[int]) -> Any:

@@ -44,7 +44,7 @@ from .calls import submodule
 from .kinds import known_base, target_in
 
 __all__ = ["mutators", "aliases", "attribute_reads", "hidden_references", "why_opaque", "global_hooks",
-           "module_names", "is_metadata_query", "value_users", "augmented_assignment"]
+           "module_names", "is_metadata_query", "value_users", "augmented_assignment", "MODULE_OWN_ATTRIBUTES"]
 
 #: users that return a view (or may) of their first argument: a write into them writes the argument
 _VIEW_METHODS = frozenset({
@@ -243,8 +243,10 @@ _SCALARS = frozenset({bool, int, float, str, type(None)})
 #: hooks: not where a module is hidden
 _TREE_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "forward"})
 _HOOK_PREFIXES = ("_forward_", "_backward_", "_state_dict", "_load_")
-#: the ones every module has (tested first: one set lookup)
-_SKIPPED_ALWAYS = frozenset(k for k in vars(nn.Module()) if k in _TREE_ATTRIBUTES or k.startswith(_HOOK_PREFIXES))
+#: the attributes every ``nn.Module`` has: its tables of children, tensors and hooks, its flags (none
+#: holds a module or tensor of its own; tested first, with one set lookup, by the walks over plain
+#: attributes)
+MODULE_OWN_ATTRIBUTES = frozenset(vars(nn.Module()))
 
 
 def hidden_references(model: nn.Module) -> dict[int, list[str]]:
@@ -265,7 +267,7 @@ def hidden_references(model: nn.Module) -> dict[int, list[str]]:
     found: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         for key, value in module.__dict__.items():
-            if key in _SKIPPED_ALWAYS or type(value) in _SCALARS:
+            if key in MODULE_OWN_ATTRIBUTES or type(value) in _SCALARS:
                 continue  # holds no module (most of a module's attributes)
             if key in _TREE_ATTRIBUTES or key.startswith(_HOOK_PREFIXES):
                 continue

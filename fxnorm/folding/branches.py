@@ -162,7 +162,6 @@ def _usage_problem(an: Analysis, sites: dict[int, list], gm: fx.GraphModule, bra
     through has no call site there: it must be registered once and called once by the block.)"""
     if not an.complete:  # a call from untraced code would see the merged kernel
         return "the model does not trace as one graph: untraced code might call the branch modules"
-    registered = [id(m) for _, m in an.model.named_modules(remove_duplicate=False)]
     for b in branches:
         for module in filter(None, (b.module, b.conv)):
             name = an.name_of(module)
@@ -170,7 +169,7 @@ def _usage_problem(an: Analysis, sites: dict[int, list], gm: fx.GraphModule, bra
             if why is not None:
                 return f"branch {name}: {why}"
             calls = len(sites.get(id(module), []))
-            if calls > 1 or (calls == 0 and module is b.conv) or registered.count(id(module)) != 1:
+            if calls > 1 or (calls == 0 and module is b.conv) or len(an.names.get(id(module), ())) != 1:
                 return f"branch {name} is called at {calls} sites of the traced model, or registered twice"
             if id(module) in an.hidden:
                 return f"branch {name} is also held outside the module tree"

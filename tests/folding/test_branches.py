@@ -138,8 +138,17 @@ class Hooked(RepBlock):
         self.one.register_forward_hook(lambda m, i, o: None)
 
 
+class RegisteredTwice(RepBlock):
+    """The 1x1 branch is also registered under a second name (the merge would empty it there too)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.alias = self.one
+
+
 @pytest.mark.parametrize("model, why", [
     (Uncentered(), "is not a conv, a batch norm"),
+    (RegisteredTwice(), "registered twice"),
     (TwoInputs(), "different inputs"),
     (Hooked(), "hook"),
     (InputFirst(4, trap="iadd"), "written in place by add"),
